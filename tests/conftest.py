@@ -1,0 +1,20 @@
+"""Shared test set-up: paths to the shared manifests and a deterministic torch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MANIFEST_DIR = Path(os.environ.get("WAN22_MANIFESTS", REPO_ROOT.parent / "shared" / "manifests"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def manifest_dir() -> Path:
+    if not MANIFEST_DIR.is_dir():
+        pytest.skip(f"no checkpoint manifests at {MANIFEST_DIR} (set WAN22_MANIFESTS)")
+    return MANIFEST_DIR
