@@ -1,0 +1,262 @@
+"""The one adapter between the pack and the program hosting it.
+
+Inside ComfyUI this module reaches ComfyUI's services: the model folders (`folder_paths`), the
+progress bar shown on the running node, the interrupt button, the devices ComfyUI chose, and its
+model manager. Outside ComfyUI (tests, scripts) the same functions behave plainly: model folders
+come from the `WAN22_MODELS_DIR` environment variable or `set_model_folders`, progress is not
+reported, nothing interrupts, and models run on CUDA when there is one.
+
+How ComfyUI's memory requests reach our models (read from ComfyUI's `main.py`, `server.py` and
+`comfy/model_management.py`):
+- "Unload models" (`POST /free {"unload_models": true}`), an out-of-memory error, and another
+  model needing room all end in `model_management.free_memory`, which unloads the entries of
+  `model_management.current_loaded_models`. A model gets there only as a `ModelPatcher` passed to
+  `model_management.load_models_gpu`, so `load_to_compute` registers each of our models that way
+  (whole, never split between devices). ComfyUI then moves it to its offload device when it needs
+  the room, and frees room for it by offloading its own models when we need it.
+- "Free model and node cache" (`POST /free {"free_memory": true}`) also resets the executor's
+  node-output cache, which drops the loader nodes' outputs. `ModelCache` holds models weakly, so
+  once ComfyUI drops them nothing of ours keeps them in memory.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable, Optional, TypeVar
+
+import torch
+
+try:  # ComfyUI puts its root folder on sys.path; elsewhere these imports fail.
+    import folder_paths
+    import comfy.model_management as _model_management
+    import comfy.model_patcher as _model_patcher
+    import comfy.utils as _comfy_utils
+except ImportError:
+    folder_paths = None
+
+IN_COMFYUI = folder_paths is not None
+
+MODELS_DIR_ENV = "WAN22_MODELS_DIR"
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt")
+# The model folders the pack reads, named as ComfyUI names them.
+MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "audio_encoders")
+# What a model is used for decides where ComfyUI puts it (it may keep text encoders on the CPU).
+ROLES = ("diffusion", "text", "vae")
+
+T = TypeVar("T")
+
+# --- model folders --------------------------------------------------------------------------
+
+_plain_folders: dict[str, list[Path]] = {}
+
+
+def set_model_folders(kind: str, folders: Iterable[os.PathLike | str]) -> None:
+    """Plain mode: the folders to search for models of `kind` (overrides WAN22_MODELS_DIR)."""
+    _check_kind(kind)
+    _plain_folders[kind] = [Path(f) for f in folders]
+
+
+def model_folders(kind: str) -> list[Path]:
+    """The folders searched for models of `kind` ("diffusion_models", "text_encoders", "vae", …)."""
+    _check_kind(kind)
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+    if kind in _plain_folders:
+        return list(_plain_folders[kind])
+    root = os.environ.get(MODELS_DIR_ENV)
+    return [Path(root) / kind] if root else []
+
+
+def list_models(kind: str) -> list[str]:
+    """File names (relative to their folder, "/"-separated) of the models of `kind`, sorted."""
+    _check_kind(kind)
+    if IN_COMFYUI:
+        return folder_paths.get_filename_list(kind)
+    names = set()
+    for folder in model_folders(kind):
+        if folder.is_dir():
+            for path in folder.rglob("*"):
+                if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file():
+                    names.add(path.relative_to(folder).as_posix())
+    return sorted(names)
+
+
+def model_path(kind: str, name: str) -> Path:
+    """The full path of model file `name` in the `kind` folders; FileNotFoundError if absent."""
+    _check_kind(kind)
+    if IN_COMFYUI:
+        full = folder_paths.get_full_path(kind, name)
+        if full is not None:
+            return Path(full)
+    else:
+        for folder in model_folders(kind):
+            candidate = folder / name
+            if candidate.is_file():
+                return candidate
+    folders = ", ".join(str(f) for f in model_folders(kind)) or f"none (set {MODELS_DIR_ENV})"
+    raise FileNotFoundError(
+        f"model {name!r} not found in the {kind} folders ({folders}); put the file there "
+        f"or pick one of {list_models(kind)[:10]}")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model folder kind {kind!r}; expected one of {MODEL_KINDS}")
+
+
+# --- progress and interruption --------------------------------------------------------------
+
+class Progress:
+    """Progress of one long node run, shown on the node's bar in ComfyUI; silent elsewhere."""
+
+    def __init__(self, total: int):
+        self.total = int(total)
+        self.current = 0
+        self._bar = _comfy_utils.ProgressBar(self.total) if IN_COMFYUI else None
+
+    def update(self, steps: int = 1) -> None:
+        self.current = min(self.current + steps, self.total)
+        if self._bar is not None:
+            self._bar.update_absolute(self.current, self.total)
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel; nothing in plain mode."""
+    if IN_COMFYUI:
+        _model_management.throw_exception_if_processing_interrupted()
+
+
+def step_callback(total: int) -> Callable[..., None]:
+    """A per-step callback for long loops: stops on interrupt, then advances the progress bar."""
+    progress = Progress(total)
+
+    def on_step(*_args: Any, **_kwargs: Any) -> None:
+        check_interrupt()
+        progress.update(1)
+
+    on_step.progress = progress
+    return on_step
+
+
+# --- devices and model placement -----------------------------------------------------------
+
+def compute_device(role: str) -> torch.device:
+    """Where a model of `role` runs: ComfyUI's choice, else CUDA when present, else the CPU."""
+    _check_role(role)
+    if IN_COMFYUI:
+        if role == "text":
+            return _model_management.text_encoder_device()
+        if role == "vae":
+            return _model_management.vae_device()
+        return _model_management.get_torch_device()
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def offload_device(role: str) -> torch.device:
+    """Where a model of `role` waits between uses (and is first loaded to)."""
+    _check_role(role)
+    if IN_COMFYUI:
+        if role == "text":
+            return _model_management.text_encoder_offload_device()
+        if role == "vae":
+            return _model_management.vae_offload_device()
+        return _model_management.unet_offload_device()
+    return torch.device("cpu")
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"unknown model role {role!r}; expected one of {ROLES}")
+
+
+class HostedModel:
+    """A torch module the host may move between its compute and offload devices.
+
+    In ComfyUI it is wrapped in a `ModelPatcher` so that ComfyUI's model manager accounts for
+    it and can unload it; the patcher lives exactly as long as this object.
+    """
+
+    def __init__(self, module: torch.nn.Module, role: str, device: Optional[torch.device] = None):
+        _check_role(role)
+        self.module = module
+        self.role = role
+        self.device = torch.device(device) if device is not None else compute_device(role)
+        self._patcher = None
+        if IN_COMFYUI:
+            self._patcher = _model_patcher.ModelPatcher(
+                module, load_device=self.device, offload_device=offload_device(role))
+
+
+def load_to_compute(models: Iterable[HostedModel]) -> None:
+    """Put whole models on their compute devices before use (ComfyUI frees room for them)."""
+    models = list(models)
+    if IN_COMFYUI:
+        patchers = [m._patcher for m in models]
+        _model_management.load_models_gpu(patchers, force_full_load=True)
+        return
+    for m in models:
+        m.module.to(m.device)
+
+
+def empty_device_cache() -> None:
+    """Return freed device memory to the driver (ComfyUI's way when hosted)."""
+    if IN_COMFYUI:
+        _model_management.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the model cache -------------------------------------------------------------------------
+
+class ModelCache:
+    """Loaded models by (path, options), so one file is loaded once however many nodes ask.
+
+    Entries are weak: whoever uses a model (ComfyUI's node-output cache, a script) owns it,
+    and when the owner lets go — ComfyUI does on "Free model and node cache" — it is freed
+    without waiting for us. `clear()` forgets every entry.
+    """
+
+    def __init__(self) -> None:
+        self._entries: "weakref.WeakValueDictionary[Hashable, Any]" = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def get_or_load(self, key: Hashable, load: Callable[[], T]) -> T:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                return found
+            loaded = load()
+            self._entries[key] = loaded
+            return loaded
+
+    def keys(self) -> list[Hashable]:
+        return list(self._entries.keys())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+model_cache = ModelCache()
+
+
+# --- HTTP routes for the web extension ---------------------------------------------------------
+
+def add_get_route(path: str, handler: Callable[[dict[str, str]], Any]) -> bool:
+    """Serve `GET path` on ComfyUI's server: `handler(query) -> JSON-able`, or ValueError/
+    FileNotFoundError for a 400 answer. Returns False outside ComfyUI (no server)."""
+    if not IN_COMFYUI:
+        return False
+    from aiohttp import web
+    import server
+
+    async def serve(request):
+        try:
+            return web.json_response(handler(dict(request.rel_url.query)))
+        except (ValueError, FileNotFoundError) as err:
+            return web.json_response({"error": str(err)}, status=400)
+
+    server.PromptServer.instance.routes.get(path)(serve)
+    return True
