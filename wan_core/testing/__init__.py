@@ -1,0 +1,3 @@
+"""Tiny random checkpoints in the real layouts, for tests and the demo (no real weights needed)."""
+from wan_core.testing.dit import (DIT_LAYOUTS, dit_state_dict, layout_state_dict, tiny_dit_config,  # noqa: F401
+                                  write_dit_checkpoint)
