@@ -172,21 +172,25 @@ def _check_role(role: str) -> None:
 
 
 class HostedModel:
-    """A torch module the host may move between its compute and offload devices.
+    """A loaded model the host may move between its compute and offload devices.
 
-    In ComfyUI it is wrapped in a `ModelPatcher` so that ComfyUI's model manager accounts for
-    it and can unload it; the patcher lives exactly as long as this object.
+    `model` is the wan_core object the nodes use; `module` the torch module holding its
+    weights (the model itself unless given). In ComfyUI the module is wrapped in a
+    `ModelPatcher` so that ComfyUI's model manager accounts for it and can unload it; the
+    patcher lives exactly as long as this object.
     """
 
-    def __init__(self, module: torch.nn.Module, role: str, device: Optional[torch.device] = None):
+    def __init__(self, model: Any, role: str, *, module: Optional[torch.nn.Module] = None,
+                 device: Optional[torch.device] = None):
         _check_role(role)
-        self.module = module
+        self.model = model
+        self.module = module if module is not None else model
         self.role = role
         self.device = torch.device(device) if device is not None else compute_device(role)
         self._patcher = None
         if IN_COMFYUI:
             self._patcher = _model_patcher.ModelPatcher(
-                module, load_device=self.device, offload_device=offload_device(role))
+                self.module, load_device=self.device, offload_device=offload_device(role))
 
 
 def load_to_compute(models: Iterable[HostedModel]) -> None:
