@@ -264,3 +264,11 @@ def add_get_route(path: str, handler: Callable[[dict[str, str]], Any]) -> bool:
 
     server.PromptServer.instance.routes.get(path)(serve)
     return True
+
+
+def _cache_status(_query: dict[str, str]) -> dict:
+    return {"models": [[str(part) for part in key] for key in model_cache.keys()]}
+
+
+# What the pack holds in memory, for diagnostics and the real-host tests.
+add_get_route("/wan22/cache", _cache_status)
