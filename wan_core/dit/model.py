@@ -1,0 +1,283 @@
+"""The Wan2.x diffusion transformer: one class for t2v, i2v and ti2v, its shape from a `DiTConfig`.
+
+Parameter names are the reference's, so official and ComfyUI files load without renaming.
+Precision follows the reference: the timestep embedding, the modulation arithmetic, the
+residual stream and the output head run in float32 whatever the weights' dtype; the attention
+and MLP matrices run in the weights' dtype (bf16 for real use).
+
+Shapes: B batch, C channels, F/H/W latent frames/height/width, L = (F/pf)(H/ph)(W/pw)
+tokens, D model width, N heads, d = D/N head size (128 for every Wan model).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wan_core.configs import DiTConfig
+from wan_core.ops.attention import DEFAULT_BACKEND, attention, check_backend
+
+ROPE_THETA = 10000.0
+ROPE_MAX_POSITIONS = 1024  # the reference's table length per axis
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos(t w_j), sin(t w_j)] with w_j = 10000^(-j/(dim/2)), computed in float64 like the
+    reference (timesteps up to 1000 lose digits in float32), returned as float32."""
+    half = dim // 2
+    frequencies = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timesteps.device) / half)
+    angles = timesteps.to(torch.float64)[..., None] * frequencies
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def rope_axis_sizes(head_dim: int) -> tuple[int, int, int]:
+    """How many of the head's channel pairs rotate with the frame, row and column index.
+
+    The reference gives height and width d//6 pairs each and the frame axis the rest
+    (128 -> 22, 21, 21 pairs)."""
+    pairs = head_dim // 2
+    return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> torch.Tensor:
+    """Rotation angle of every (token, channel pair): [L, head_dim/2], float64.
+
+    Each axis has its own frequency ladder theta^(-2j/n_axis) over its n_axis channels (2 per
+    pair), so the position along frames, rows and columns is encoded independently."""
+    angles = []
+    for axis, (size, pairs) in enumerate(zip(grid, rope_axis_sizes(head_dim))):
+        if size > ROPE_MAX_POSITIONS:
+            raise ValueError(f"the latent has {size} positions along axis {'FHW'[axis]}; the model's "
+                             f"position table holds {ROPE_MAX_POSITIONS}")
+        inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, 2 * pairs, 2, dtype=torch.float64, device=device) / (2 * pairs))
+        position = torch.arange(size, dtype=torch.float64, device=device)
+        shape = [1, 1, 1, pairs]
+        shape[axis] = size
+        angles.append(torch.outer(position, inv_freq).view(shape).expand(*grid, pairs))
+    return torch.cat(angles, dim=-1).reshape(math.prod(grid), head_dim // 2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent channel pair (x[2i], x[2i+1]) of x [B,L,N,d] by its angle; float32 math."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension (all heads together), statistics in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and returned in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMS-normalised across heads. Self-attention rotates q and k
+    by RoPE; cross-attention (rope=None) attends to the text tokens."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                backend: str) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(source)).unflatten(-1, heads)
+        v = self.v(source).unflatten(-1, heads)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.o(attention(q, k, v, backend).flatten(-2))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, in float32."""
+    return x.float() * (1 + scale) + shift
+
+
+class WanBlock(nn.Module):
+    """Self-attention, cross-attention to the text, MLP. The timestep sets six float32 vectors
+    (shift, scale, gate for the self-attention; shift, scale, gate for the MLP); the
+    cross-attention is not modulated."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, config.num_heads, config.qk_norm, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, config.num_heads, config.qk_norm, eps)
+        self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(config.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+        # x: float32 residual stream [B,L,D]; time_mod: [B,L or 1,6,D] float32
+        dtype = context.dtype
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time_mod).unbind(2)
+        h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
+        x = x + self.self_attn(h, h, rope, backend) * gate_sa
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, None, backend)
+        h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
+        return x + self.ffn(h) * gate_ff
+
+
+class Head(nn.Module):
+    """Final norm, its own (shift, scale) modulation from the time embedding, and the linear map
+    from tokens to patches of output channels; all in float32 as in the reference."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm(config.dim, config.eps, elementwise_affine=False)
+        self.head = nn.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim))
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + time_emb.unsqueeze(2)).unbind(2)
+        return _linear_fp32(self.head, modulate(self.norm(x), shift, scale))
+
+
+def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer evaluated in float32 whatever its weights' dtype (the reference runs the
+    time embedding and the head under a float32 autocast)."""
+    return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+
+
+Context = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class WanDiT(nn.Module):
+    """The Wan2.2 transformer for t2v / i2v (14B experts) and ti2v (5B); see `forward`."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if config.dim % config.num_heads or config.head_dim % 2:
+            raise ValueError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
+        self.config = config
+        self.attention_backend = DEFAULT_BACKEND
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size,
+                                         stride=config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Use attention backend `name` ("sdpa", "flash_attn", "sageattention") from now on."""
+        self.attention_backend = check_backend(name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context, *,
+                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Predict the flow (noise - data) for latents `x` at timesteps `t`.
+
+        x: [B, C, F, H, W] latents (C + C_y = config.in_dim). t: [B] timesteps in 0..1000, or
+        [B, L] one per token (TI2V gives the conditioning frame's tokens t = 0). context:
+        [B, L_text, text_dim] or a list of B [L_i, text_dim] text embeddings, zero-padded to
+        text_len as the reference does (the padding is attended to, not masked). y: [B, C_y,
+        F, H, W] i2v conditioning, concatenated to x on channels. Returns [B, out_dim, F, H, W]
+        in float32.
+        """
+        config = self.config
+        if y is not None:
+            if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+                raise ValueError(f"y has shape {tuple(y.shape)}; it must match x {tuple(x.shape)} in batch, "
+                                 f"frames, height and width")
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        self._check_input(x)
+        batch = x.shape[0]
+        grid = tuple(s // p for s, p in zip(x.shape[2:], config.patch_size))
+        tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()
+
+        time_emb, time_mod = self._time_embedding(t, batch, tokens.shape[1])
+        context = self._embed_text(context, batch)
+        angles = rope_angles(grid, config.head_dim, x.device)
+        rope = (torch.cos(angles).float()[:, None], torch.sin(angles).float()[:, None])
+        for block in self.blocks:
+            tokens = block(tokens, time_mod, context, rope, self.attention_backend)
+        return self._unpatchify(self.head(tokens, time_emb), grid)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        config = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be a latent video [B, C, F, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != config.in_dim:
+            need = "; i2v models also need y (mask + image latent)" if config.model_type == "i2v" else ""
+            raise ValueError(f"this {config.model_type} model takes {config.in_dim} input channels (x and y "
+                             f"together), got {x.shape[1]}{need}")
+        if any(s % p for s, p in zip(x.shape[2:], config.patch_size)):
+            raise ValueError(f"latent frames/height/width {tuple(x.shape[2:])} must be multiples of the "
+                             f"patch size {config.patch_size}")
+
+    def _time_embedding(self, t: torch.Tensor, batch: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(time embedding [B, T, D], block modulation [B, T, 6, D]), both float32, where T is 1
+        for one timestep per sample and L for per-token timesteps."""
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            t = t[:, None]
+        if t.shape not in ((batch, 1), (batch, num_tokens)):
+            raise ValueError(f"t must be [B] or [B, tokens] = [{batch}] or [{batch}, {num_tokens}], "
+                             f"got {tuple(t.shape)}")
+        e = sinusoidal_embedding(t, self.config.freq_dim)
+        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], e)))
+        modulation = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, self.config.dim))
+        return e, modulation
+
+    def _embed_text(self, context: Context, batch: int) -> torch.Tensor:
+        text_len, text_dim = self.config.text_len, self.config.text_dim
+        items = list(context) if not isinstance(context, torch.Tensor) or context.ndim == 3 else [context]
+        if len(items) != batch:
+            raise ValueError(f"context has {len(items)} prompts for a batch of {batch}")
+        for item in items:
+            if item.ndim != 2 or item.shape[-1] != text_dim or item.shape[0] > text_len:
+                raise ValueError(f"each context must be [L <= {text_len}, {text_dim}] text embeddings, got "
+                                 f"{tuple(item.shape)}")
+        padded = torch.stack([F.pad(item.to(device=self.device, dtype=self.dtype), (0, 0, 0, text_len - item.shape[0]))
+                              for item in items])
+        return self.text_embedding(padded)
+
+    def _unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, pf*ph*pw*C] -> [B, C, F, H, W]; each token's vector is (pf, ph, pw, C)-ordered."""
+        pf, ph, pw = self.config.patch_size
+        f, h, w = grid
+        x = tokens.view(tokens.shape[0], f, h, w, pf, ph, pw, self.config.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], self.config.out_dim, f * pf, h * ph, w * pw)
