@@ -117,7 +117,12 @@ class Progress:
         self._bar = _comfy_utils.ProgressBar(self.total) if IN_COMFYUI else None
 
     def update(self, steps: int = 1) -> None:
-        self.current = min(self.current + steps, self.total)
+        self.set(self.current + steps)
+
+    def set(self, current: int, total: Optional[int] = None) -> None:
+        if total is not None:
+            self.total = int(total)
+        self.current = min(int(current), self.total)
         if self._bar is not None:
             self._bar.update_absolute(self.current, self.total)
 
@@ -138,6 +143,19 @@ def step_callback(total: int) -> Callable[..., None]:
 
     on_step.progress = progress
     return on_step
+
+
+def progress_callback() -> Callable[..., None]:
+    """A callback for wan_core's loops, called as `callback(done, total, ...)` after each
+    step: stops on interrupt, then shows done/total on the node's bar."""
+    progress = Progress(0)
+
+    def on_progress(done: int, total: int, *_args: Any) -> None:
+        check_interrupt()
+        progress.set(done, total)
+
+    on_progress.progress = progress
+    return on_progress
 
 
 # --- devices and model placement -----------------------------------------------------------
@@ -190,7 +208,17 @@ class HostedModel:
         self._patcher = None
         if IN_COMFYUI:
             self._patcher = _model_patcher.ModelPatcher(
-                self.module, load_device=self.device, offload_device=offload_device(role))
+                _Managed(self.module), load_device=self.device, offload_device=offload_device(role))
+
+
+class _Managed(torch.nn.Module):
+    """What ComfyUI's ModelPatcher manages: a plain module holding ours. The patcher writes
+    bookkeeping attributes (`device`, `model_lowvram`, …) onto the module it is given, and our
+    models expose `device` as a read-only property."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
 
 
 def load_to_compute(models: Iterable[HostedModel]) -> None:
@@ -202,6 +230,21 @@ def load_to_compute(models: Iterable[HostedModel]) -> None:
         return
     for m in models:
         m.module.to(m.device)
+
+
+def offload(models: Iterable[HostedModel]) -> None:
+    """Move models to their offload devices now (ComfyUI forgets them as loaded)."""
+    models = list(models)
+    if IN_COMFYUI:
+        patchers = [m._patcher for m in models]
+        loaded = _model_management.current_loaded_models
+        for i in reversed(range(len(loaded))):
+            if any(loaded[i].model is p for p in patchers):
+                loaded[i].model_unload()
+                loaded.pop(i)
+        return
+    for m in models:
+        m.module.to(offload_device(m.role))
 
 
 def empty_device_cache() -> None:

@@ -68,6 +68,14 @@ def test_step_callback_counts_steps_and_never_interrupts():
     host.check_interrupt()
 
 
+def test_progress_callback_follows_the_loop_it_is_given():
+    callback = host.progress_callback()
+    callback(1, 4, torch.zeros(1))  # the sampler's callback(step, total, latent)
+    assert (callback.progress.current, callback.progress.total) == (1, 4)
+    callback(3, 4)  # the VAE's callback(done, total)
+    assert (callback.progress.current, callback.progress.total) == (3, 4)
+
+
 def test_model_cache_shares_live_models_and_forgets_dropped_ones():
     cache = host.ModelCache()
     loads = []
