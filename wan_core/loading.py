@@ -201,6 +201,58 @@ def _attention_renames(diffusers: str, official: str) -> tuple[tuple[str, str], 
     return tuple((f"blocks.{{n}}.{diffusers}.{d}.", f"blocks.{{n}}.{official}.{o}.") for d, o in projections)
 
 
+def _vae_resnet_renames(diffusers: str, official: str) -> tuple[tuple[str, str], ...]:
+    """One VAE residual block: diffusers names its layers, the official checkpoint numbers
+    them by position in nn.Sequential(norm, SiLU, conv, norm, SiLU, dropout, conv)."""
+    layers = (("norm1.", "residual.0."), ("conv1.", "residual.2."), ("norm2.", "residual.3."),
+              ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut."))
+    return tuple((diffusers + d, official + o) for d, o in layers)
+
+
+def _vae_shared_renames() -> tuple[tuple[str, str], ...]:
+    """The VAE names diffusers gives the same way for Wan2.1 and Wan2.2."""
+    pairs: list[tuple[str, str]] = [("quant_conv.", "conv1."), ("post_quant_conv.", "conv2.")]
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.conv_in.", f"{part}.conv1."), (f"{part}.norm_out.", f"{part}.head.0."),
+                  (f"{part}.conv_out.", f"{part}.head.2."), (f"{part}.mid_block.attentions.0.", f"{part}.middle.1."),
+                  *_vae_resnet_renames(f"{part}.mid_block.resnets.0.", f"{part}.middle.0."),
+                  *_vae_resnet_renames(f"{part}.mid_block.resnets.1.", f"{part}.middle.2.")]
+    return tuple(pairs)
+
+
+# Both Wan VAEs: 4 stages; 2 residual blocks per encoder stage, 3 per decoder stage, then the
+# stage's resampler (none after the last stage).
+_VAE_STAGES, _VAE_ENCODER_BLOCKS, _VAE_DECODER_BLOCKS = 4, 2, 3
+
+
+def _vae21_renames() -> tuple[tuple[str, str], ...]:
+    """Wan2.1: the official lists are flat. diffusers keeps the encoder's numbering and
+    groups the decoder's list into up_blocks of 3 resnets + 1 upsampler."""
+    pairs = [*_vae_resnet_renames("encoder.down_blocks.{n}.", "encoder.downsamples.{n}."),
+             ("encoder.down_blocks.{n}.", "encoder.downsamples.{n}.")]  # resample / time_conv
+    per_stage = _VAE_DECODER_BLOCKS + 1
+    for stage in range(_VAE_STAGES):
+        for block in range(_VAE_DECODER_BLOCKS):
+            pairs += _vae_resnet_renames(f"decoder.up_blocks.{stage}.resnets.{block}.",
+                                         f"decoder.upsamples.{stage * per_stage + block}.")
+        pairs.append((f"decoder.up_blocks.{stage}.upsamplers.0.",
+                      f"decoder.upsamples.{stage * per_stage + _VAE_DECODER_BLOCKS}."))
+    return _vae_shared_renames() + tuple(pairs)
+
+
+def _vae22_renames() -> tuple[tuple[str, str], ...]:
+    """Wan2.2: the official stages hold their blocks and resampler in one list."""
+    pairs: list[tuple[str, str]] = []
+    for part, diffusers, official, blocks, resampler in (
+            ("encoder", "down_blocks", "downsamples", _VAE_ENCODER_BLOCKS, "downsampler"),
+            ("decoder", "up_blocks", "upsamples", _VAE_DECODER_BLOCKS, "upsampler")):
+        for block in range(blocks):
+            pairs += _vae_resnet_renames(f"{part}.{diffusers}.{{n}}.resnets.{block}.",
+                                         f"{part}.{official}.{{n}}.{official}.{block}.")
+        pairs.append((f"{part}.{diffusers}.{{n}}.{resampler}.", f"{part}.{official}.{{n}}.{official}.{blocks}."))
+    return _vae_shared_renames() + tuple(pairs)
+
+
 # Applied in this order when loading (a ComfyUI prefix comes off before diffusers names are
 # recognised), in reverse order when writing a layout.
 LAYOUT_CONVERSIONS: tuple[LayoutConversion, ...] = (
@@ -238,6 +290,11 @@ LAYOUT_CONVERSIONS: tuple[LayoutConversion, ...] = (
         ("blocks.{n}.ffn.fc2.", "encoder.block.{n}.layer.1.DenseReluDense.wo."),
         ("norm.", "encoder.final_layer_norm."),
     )),
+    # The VAEs' canonical names are the official ones (ComfyUI's repackaged files use them too).
+    # diffusers' AutoencoderKLWan names differ between the two versions, told apart by the
+    # decoder's resampler ("upsamplers.0" in Wan2.1, "upsampler" in Wan2.2).
+    LayoutConversion("vae", "diffusers_2.1", marker="decoder.up_blocks.0.upsamplers.0.", renames=_vae21_renames()),
+    LayoutConversion("vae", "diffusers_2.2", marker="decoder.up_blocks.0.upsampler.", renames=_vae22_renames()),
 )
 
 
