@@ -85,10 +85,11 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
     active = None
     with torch.no_grad():
         for i, t in enumerate(timesteps.tolist()):
-            high = len(experts) == 2 and runs_high_noise_expert(t, boundary)
-            expert, scale = (experts[0], scales[0]) if high or len(experts) == 1 else (experts[1], scales[1])
+            # experts[0] is the high-noise expert (or the only one)
+            index = 0 if len(experts) == 1 or runs_high_noise_expert(t, boundary) else 1
+            expert, scale = experts[index], scales[index]
             if offload_inactive_expert and len(experts) == 2 and expert is not active:
-                _make_active(expert, experts[1] if high else experts[0], x.device)
+                _make_active(expert, experts[1 - index], x.device)
             active = expert
 
             if first_frame is None:
