@@ -1,12 +1,9 @@
 """Prompt extension: instructions, answer clean-up, images, and the local transformers back-end.
 
-The local back-end runs real transformers models built here from configs (no downloads): a tiny
-byte-level BPE tokenizer trained in-process with a Qwen-style chat template, a one-layer Qwen2
-and a one-layer Qwen2.5-VL. Their weights are set so that the model is a fixed bigram machine:
-attention and MLP outputs are zero, each token embeds as a one-hot vector, and the output head
-maps the last token to a chosen next token. Generation after "<|im_start|>assistant\\n" therefore
-spells out ANSWER token by token and stops with <|im_end|>, whatever the sampling settings, so
-the tests know exactly what the real `generate` call must return.
+The local back-end runs real transformers models built from configs (no downloads) by
+`wan_core.testing.chat`: a tiny Qwen2 and a tiny Qwen2.5-VL whose weights make them fixed bigram
+machines that answer BIGRAM_ANSWER whatever the sampling settings, so the tests know exactly what
+the real `generate` call must return.
 """
 from __future__ import annotations
 
@@ -29,153 +26,11 @@ from wan_core.prompt_extend import (ChatModel, LocalExtender, PromptExtendError,
 from wan_core.prompt_extend import local as local_backend
 from wan_core.prompt_extend.system_prompts import (I2V_EMPTY_EN, I2V_EMPTY_ZH, I2V_EN, I2V_ZH,
                                                    T2V_EN, T2V_ZH)
+from wan_core.testing.chat import (BIGRAM_ANSWER, answer_chain, image_only_vl_processor,
+                                   make_chat_tokenizer, tiny_qwen2, tiny_qwen2_5_vl,
+                                   write_chat_model)
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-# Qwen's layout: string content for text models, a list of typed parts for VL models.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# What the bigram models answer: quoted and padded, as chat models sometimes do.
-ANSWER = '  "Calm waves roll onto the shore at dawn"  '
-CLEAN_ANSWER = "Calm waves roll onto the shore at dawn"
-
-
-# --- tiny models --------------------------------------------------------------------------------
-
-def make_tokenizer():
-    """Qwen2's tokenizer class (its pre-tokenizer, byte-level so any text round-trips) over a
-    small BPE vocabulary trained here, with Qwen's special tokens and chat template."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-
-    qwen = Qwen2Tokenizer().backend_tokenizer
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer, bpe.pre_tokenizer, bpe.decoder = qwen.normalizer, qwen.pre_tokenizer, qwen.decoder
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [T2V_EN, T2V_ZH, I2V_EN, I2V_ZH, I2V_EMPTY_EN, I2V_EMPTY_ZH] + [ANSWER] * 50
-    bpe.train_from_iterator(corpus, trainer)
-    trained = json.loads(bpe.to_str())["model"]
-    tokenizer = Qwen2Tokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.add_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def answer_chain(tokenizer) -> list[int]:
-    """Token ids of ANSWER then <|im_end|>; the bigram needs every one distinct."""
-    ids = tokenizer(ANSWER, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert len(set(ids)) == len(ids), "ANSWER must tokenize into distinct tokens"
-    return ids
-
-
-def hidden_size_for(vocab: int) -> int:
-    return -(-vocab // 16) * 16  # one-hot embeddings need hidden >= vocab; 8 heads of even size
-
-
-def make_bigram(text_model: torch.nn.Module, lm_head: torch.nn.Module, tokenizer) -> None:
-    """Program `text_model` + `lm_head` to continue the generation prompt with ANSWER."""
-    start = tokenizer("<|im_start|>assistant\n")["input_ids"][-1]
-    chain = answer_chain(tokenizer)
-    assert start not in chain
-    vocab = len(tokenizer)
-    with torch.no_grad():
-        for layer in text_model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        text_model.embed_tokens.weight.zero_()
-        text_model.embed_tokens.weight[:vocab, :vocab] = torch.eye(vocab)
-        lm_head.weight.zero_()
-        for current, following in zip([start] + chain[:-1], chain):
-            lm_head.weight[following, current] = 1.0
-
-
-def qwen_sampling(config) -> None:
-    """The sampling settings Qwen2.5 Instruct checkpoints ship with."""
-    from transformers import GenerationConfig
-    return GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
-                            repetition_penalty=1.05, eos_token_id=config.eos_token_id,
-                            pad_token_id=config.pad_token_id)
-
-
-def make_text_model(tokenizer, *, bigram: bool, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    vocab = len(tokenizer)
-    hidden = hidden_size_for(vocab) if bigram else 32
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).eval()
-    model.generation_config = qwen_sampling(config)
-    if bigram:
-        make_bigram(model.model, model.lm_head, tokenizer)
-    return model
-
-
-def make_vl_model(tokenizer):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    vocab = len(tokenizer)
-    hidden = hidden_size_for(vocab)
-    half_head = hidden // 8 // 2
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
-    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   bos_token_id=None)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=False,
-                         rope_scaling={"type": "mrope", "mrope_section": [
-                             half_head - 2 * (half_head // 3), half_head // 3, half_head // 3]},
-                         **special),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
-                           out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0]),
-        tie_word_embeddings=False, **ids, **special)
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config = qwen_sampling(config.text_config)
-    make_bigram(model.model.language_model, model.lm_head, tokenizer)
-    return model
-
-
-def make_vl_processor(tokenizer):
-    """Qwen2.5-VL's processor for images only.
-
-    transformers 5 builds the Qwen2.5-VL video processor only when torchvision is installed,
-    and the processor checks that one is given; this test environment has no torchvision (there
-    is none for its torch build), so the check is skipped for the absent video processor.
-    ComfyUI installs torchvision, where `load_chat_model` builds the full processor.
-    """
-    from transformers import Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImageOnlyProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
-                              video_processor=None, chat_template=CHAT_TEMPLATE)
-
-
-def write_text_model(folder: Path, tokenizer) -> Path:
-    """A tiny bigram Qwen2 chat model folder, as from_pretrained reads it."""
-    model = make_text_model(tokenizer, bigram=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+CLEAN_ANSWER = "Calm waves roll onto the shore at dawn"  # BIGRAM_ANSWER without quotes and spaces
 
 
 def expected_chat_text(system: str, user: str) -> str:
@@ -201,18 +56,18 @@ class FirstCall:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return make_tokenizer()
+    return make_chat_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def text_model_dir(tmp_path_factory, tokenizer) -> Path:
-    return write_text_model(tmp_path_factory.mktemp("qwen2_tiny"), tokenizer)
+    return write_chat_model(tmp_path_factory.mktemp("qwen2_tiny"), tokenizer)
 
 
 @pytest.fixture(scope="module")
 def vl_chat(tokenizer) -> ChatModel:
-    return ChatModel("tiny-qwen2.5-vl", make_vl_model(tokenizer), tokenizer,
-                     make_vl_processor(tokenizer))
+    return ChatModel("tiny-qwen2.5-vl", tiny_qwen2_5_vl(tokenizer), tokenizer,
+                     image_only_vl_processor(tokenizer))
 
 
 @pytest.fixture(autouse=True)
@@ -310,6 +165,8 @@ def test_local_text_assembles_the_chat_generates_and_cleans(tokenizer, text_mode
 
     zh = extend_prompt(extender, "海边的日出", language="zh", seed=7)
     assert zh.system_prompt == T2V_ZH and zh.prompt == CLEAN_ANSWER
+    # the raw answer, before clean-up, is exactly what the bigram machine spells out
+    assert extender.generate(T2V_EN, "waves at dawn", image=None, seed=7) == BIGRAM_ANSWER
 
 
 def test_local_max_new_tokens_bounds_the_answer(tokenizer, text_model_dir):
@@ -320,8 +177,29 @@ def test_local_max_new_tokens_bounds_the_answer(tokenizer, text_model_dir):
     assert result.prompt != CLEAN_ANSWER
 
 
+def test_local_on_token_sees_every_token_and_can_interrupt(tokenizer, text_model_dir):
+    calls = []
+    extender = LocalExtender(str(text_model_dir), device="cpu", on_token=lambda: calls.append(1))
+    assert extend_prompt(extender, "waves", language="en", seed=0).prompt == CLEAN_ANSWER
+    assert len(calls) == len(answer_chain(tokenizer))  # one per new token, <|im_end|> included
+
+    class Interrupted(Exception):  # stands for the host's "cancel pressed" exception
+        pass
+
+    def cancel_at_third_token():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted
+
+    calls.clear()
+    extender.on_token = cancel_at_third_token
+    with pytest.raises(Interrupted):  # not swallowed by the fallback
+        extend_prompt(extender, "waves", language="en", seed=0, on_error="fallback")
+    assert len(calls) == 3
+
+
 def test_local_seed_is_reproducible_and_leaves_global_rng_alone(tokenizer):
-    sampler = ChatModel("tiny-random", make_text_model(tokenizer, bigram=False, seed=3), tokenizer)
+    sampler = ChatModel("tiny-random", tiny_qwen2(tokenizer, bigram=False, seed=3), tokenizer)
     extender = LocalExtender(chat_model=sampler, max_new_tokens=24)
     state = torch.get_rng_state()
     first = extender.generate(T2V_EN, "a cat", image=None, seed=1)
@@ -358,7 +236,7 @@ def test_local_missing_model_raises_or_falls_back(tmp_path, caplog):
 
 
 def test_local_folder_without_chat_template_is_refused(tmp_path, tokenizer):
-    folder = write_text_model(tmp_path / "base-model", tokenizer)
+    folder = write_chat_model(tmp_path / "base-model", tokenizer)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -414,10 +292,7 @@ def test_local_vl_with_empty_prompt_invents_motion(tokenizer, vl_chat):
 
 
 def test_local_vl_folder_loads_or_names_torchvision(tmp_path, tokenizer):
-    folder = tmp_path / "tiny-vl"
-    make_vl_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    make_vl_processor(tokenizer).image_processor.save_pretrained(folder)
+    folder = write_chat_model(tmp_path / "tiny-vl", tokenizer, vision=True)
     try:
         import torchvision  # noqa: F401
     except ImportError:

@@ -2,17 +2,22 @@
 
 The key comes from the DASH_API_KEY environment variable (DASHSCOPE_API_KEY, the SDK's own name,
 is accepted too) and is passed to the SDK per request, never stored in the SDK's globals, never
-logged, and cut out of every error message. DASH_API_URL sets the endpoint; users of the
-international service set it to https://dashscope-intl.aliyuncs.com/api/v1.
+logged, and cut out of every error message and of the SDK's own log lines (at DEBUG the SDK logs
+whole answers, which a misbehaving endpoint could fill with the key). DASH_API_URL sets the
+endpoint; users of the international service set it to https://dashscope-intl.aliyuncs.com/api/v1.
 """
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
+import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from http import HTTPStatus
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from PIL import Image
 
@@ -88,6 +93,10 @@ class DashScopeExtender:
 
     def _call(self, call, model: str, messages: list, seed: int):
         """One request with retries; the successful response, or PromptExtendError."""
+        with _SDK_LOG_REDACTION.hiding(self._api_key):
+            return self._call_with_retries(call, model, messages, seed)
+
+    def _call_with_retries(self, call, model: str, messages: list, seed: int):
         import requests  # the SDK's HTTP client
 
         attempts = self.retries + 1
@@ -98,7 +107,7 @@ class DashScopeExtender:
                 response = call(model, messages=messages, api_key=self._api_key,
                                 base_address=self.base_url, request_timeout=self.timeout,
                                 seed=seed % SEED_LIMIT, result_format="message")
-            except ValueError as err:  # the body of a 200 answer is not JSON
+            except ValueError as err:  # an answer declared as JSON is not JSON
                 raise PromptExtendError(
                     f"DashScope at {self.base_url} answered with something that is not JSON "
                     f"({self._redact(str(err))}); check that {URL_ENV} points at the DashScope "
@@ -128,6 +137,46 @@ class DashScopeExtender:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, REDACTED) if self._api_key else text
+
+
+class _RedactingFilter(logging.Filter):
+    """Replaces the keys of requests in flight with REDACTED in the records of a logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._keys: Counter = Counter()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hiding(self, key: str) -> Iterator[None]:
+        with self._lock:
+            self._keys[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._keys[key] -= 1
+                if not self._keys[key]:
+                    del self._keys[key]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            keys = list(self._keys)
+        if not keys:
+            return True
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        for key in keys:
+            message = message.replace(key, REDACTED)
+            if record.exc_text:
+                record.exc_text = record.exc_text.replace(key, REDACTED)
+        record.msg, record.args = message, None
+        return True
+
+
+_SDK_LOG_REDACTION = _RedactingFilter()
+logging.getLogger("dashscope").addFilter(_SDK_LOG_REDACTION)
 
 
 def _import_sdk():

@@ -10,7 +10,7 @@ import gc
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from PIL import Image
@@ -151,7 +151,11 @@ class LocalExtender:
 
     `model`: a folder, a Hugging Face id or a short name from `MODEL_ALIASES`; None picks
     DEFAULT_VL_MODEL for requests with an image and DEFAULT_TEXT_MODEL otherwise. `chat_model`
-    uses an already loaded model instead. Generation runs where the model's weights are.
+    uses an already loaded model instead. The model loads to `device`; `place_model`, if given,
+    is called with the loaded model before each generation to put it where it should run (a
+    host's model manager). Generation runs where the model's weights are. `on_token`, if given,
+    is called after each generated token (progress, and the host's interrupt check: an exception
+    it raises stops the generation and propagates unchanged).
     """
 
     name = "local"
@@ -160,7 +164,9 @@ class LocalExtender:
                  device: Union[str, torch.device, None] = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 chat_model: Optional[ChatModel] = None):
+                 chat_model: Optional[ChatModel] = None,
+                 place_model: Optional[Callable[[ChatModel], None]] = None,
+                 on_token: Optional[Callable[[], None]] = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         _torch_dtype(dtype)
@@ -171,6 +177,8 @@ class LocalExtender:
         self.max_new_tokens = int(max_new_tokens)
         self.max_image_pixels = int(max_image_pixels)
         self.chat_model = chat_model
+        self.place_model = place_model
+        self.on_token = on_token
 
     def load(self, image: bool = False) -> ChatModel:
         """The chat model this extender uses for a request with (or without) an image."""
@@ -187,19 +195,27 @@ class LocalExtender:
                              f"a vision-language model such as {DEFAULT_VL_MODEL}, or leave the "
                              f"image out")
         inputs = self._inputs(chat, system_prompt, prompt, image)
+        try:
+            if self.place_model is not None:
+                self.place_model(chat)
+            output = self._sample(chat, inputs, seed)
+        except RuntimeError as err:  # out of memory and other failures inside the model
+            raise PromptExtendError(f"model {chat.name!r} failed while generating: {err}") from err
+        new_tokens = output[0, inputs["input_ids"].shape[1]:]
+        return chat.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+    def _sample(self, chat: ChatModel, inputs: dict, seed: int) -> torch.Tensor:
+        """`generate` on the model's device, seeded locally (the global RNG state is restored)."""
         device = next(chat.model.parameters()).device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
-                torch.manual_seed(seed)
-                output = chat.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
-        except RuntimeError as err:  # out of memory and other failures inside the model
-            raise PromptExtendError(f"model {chat.name!r} failed while generating on {device}: "
-                                    f"{err}") from err
-        new_tokens = output[0, inputs["input_ids"].shape[1]:]
-        return chat.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        options = {}
+        if self.on_token is not None:
+            options["stopping_criteria"] = _calls_per_token(self.on_token)
+        with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            return chat.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **options)
 
     def _inputs(self, chat: ChatModel, system_prompt: str, prompt: str,
                 image: Optional[Image.Image]) -> dict:
@@ -221,3 +237,15 @@ class LocalExtender:
                                                   add_generation_prompt=True)
         images = None if image is None else [fit_image(image, self.max_image_pixels)]
         return dict(chat.processor(text=[text], images=images, return_tensors="pt"))
+
+
+def _calls_per_token(callback: Callable[[], None]):
+    """Stopping criteria for `generate` that never stop it but call `callback` once per token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class EachToken(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            callback()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([EachToken()])
