@@ -10,3 +10,7 @@ if _PACK_ROOT not in sys.path:
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+
+from . import prompt_extend as _prompt_extend  # noqa: E402  (the prompt-extension node)
+NODE_CLASS_MAPPINGS.update(_prompt_extend.NODE_CLASS_MAPPINGS)
+NODE_DISPLAY_NAME_MAPPINGS.update(_prompt_extend.NODE_DISPLAY_NAME_MAPPINGS)
