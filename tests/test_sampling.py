@@ -374,10 +374,11 @@ def two_experts():
     (TinyFlowModel(0), dict(denoise=1.5), ValueError, r"denoise must be in \(0, 1\]"),
     (TinyFlowModel(0), dict(denoise=0.5), ValueError, r"denoise=0.5 refines an existing latent: pass latent_image"),
     (TinyFlowModel(0), dict(shift=0.0), ValueError, r"shift must be a number > 0"),
-    (TinyFlowModel(0), dict(context_null=None), ValueError, r"context_null .* is needed for guidance scales other than 1"),
+    (TinyFlowModel(0), dict(context_null=None), ValueError,
+     r"context_null .* is needed for guidance scales other than 1"),
     (TinyFlowModel(0), dict(context=text(COND, batch=2)), ValueError, r"context has 2 entries but noise has batch 1"),
     (TinyFlowModel(0), dict(first_frame_latent=torch.zeros(1, CHANNELS, 2, 2, 2)), ValueError,
-     r"first_frame_latent must have shape \[1 or 1, 4, 1, 2, 2\]"),
+     r"first_frame_latent must have shape \[1, 4, 1, 2, 2\]"),
     (TinyFlowModel(0), dict(noise=torch.zeros(CHANNELS, 1, 2, 2)), ValueError, r"noise must be a tensor \[batch"),
 ])
 def test_bad_input_raises_a_clear_error(experts, overrides, error, message):

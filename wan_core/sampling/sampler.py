@@ -43,8 +43,10 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
     callback(step, total, latent): after each step, with step = steps done (1..total); an
         exception it raises stops sampling and propagates (that is how interrupts work).
     denoise < 1: refine `latent_image` (required then): the schedule is built for
-        floor(steps / denoise) steps, only its last `steps` run, and the start is
-        sigma * noise + (1 - sigma) * latent_image at their first sigma.
+        floor(steps / denoise) steps and only its last `steps` run.
+    latent_image: a clean latent like noise; sampling then starts from
+        sigma * noise + (1 - sigma) * latent_image at the first sigma that runs. Without it the
+        start is the noise itself, as in the reference.
     first_frame_latent [B or 1, C, 1, H, W]: TI2V image-to-video: the first latent frame is
         held at this clean latent (set before the first step and after every step) and its
         tokens get timestep 0; the model then gets per-token timesteps [B, tokens].
@@ -168,7 +170,8 @@ def _check_first_frame(first_frame_latent: torch.Tensor, x: torch.Tensor) -> tor
     batch, channels, _, height, width = x.shape
     shape = tuple(first_frame_latent.shape)
     if len(shape) != 5 or shape[0] not in (1, batch) or shape[1:] != (channels, 1, height, width):
-        raise ValueError(f"first_frame_latent must have shape [{batch} or 1, {channels}, 1, {height}, {width}] "
+        batches = "1" if batch == 1 else f"{batch} or 1"
+        raise ValueError(f"first_frame_latent must have shape [{batches}, {channels}, 1, {height}, {width}] "
                          f"(one latent frame like the noise), got {shape}")
     return first_frame_latent.to(device=x.device, dtype=x.dtype)
 
