@@ -1,0 +1,259 @@
+"""The example workflows: only registered node ids, valid widget values, runnable graphs.
+
+`ui_to_api` turns a UI-format workflow (what the graph editor saves) into the API format that
+`POST /prompt` takes, the way the editor does it: each node's widget values are assigned, in
+order, to its inputs that are widgets; links become `[source node id, output index]`. The
+real-host tests (test_comfy_host.py) reuse it with the input specs from `/object_info`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW_DIR = REPO_ROOT / "example_workflows"
+WORKFLOWS = ("t2v_A14B.json", "i2v_A14B.json", "ti2v_5B.json")
+
+# Frontend-only nodes: the editor never sends them to the server.
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+# The ComfyUI core nodes the example workflows use, with their inputs as ComfyUI (a125cd84)
+# declares them; test_comfy_host.py checks these against a real server's /object_info.
+CORE_NODE_INPUTS = {
+    "LoadImage": {"required": {"image": (["example.png"], {"image_upload": True})}},
+    "CreateVideo": {"required": {"images": ("IMAGE", {}), "fps": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0})},
+                    "optional": {"audio": ("AUDIO", {})}},
+    "SaveVideo": {"required": {"video": ("VIDEO", {}), "filename_prefix": ("STRING", {"default": "video/ComfyUI"}),
+                               "format": (["auto", "mp4"], {"default": "auto"}),
+                               "codec": (["auto", "h264"], {"default": "auto"})}},
+}
+CORE_NODES = set(CORE_NODE_INPUTS)
+CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"], "CreateVideo": ["VIDEO"], "SaveVideo": []}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+MODE_ACTIVE = 0
+
+# Model files as ComfyUI's repackaged Wan2.2 release names them, by model folder.
+REPACKAGED = {
+    "diffusion_models": {
+        "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+        "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+        "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
+        "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
+        "wan2.2_ti2v_5B_fp16.safetensors",
+    },
+    "text_encoders": {"umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
+    "vae": {"wan_2.1_vae.safetensors", "wan2.2_vae.safetensors"},
+}
+
+
+def load_pack():
+    """Import the pack the way ComfyUI does: its folder as a package, by path."""
+    name = "comfyui_wan22_pack"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOW_DIR / name).read_text(encoding="utf-8"))
+
+
+def input_kind(spec: tuple | list) -> str:
+    """'COMBO' for a list of choices (or the COMBO type), else the declared type name."""
+    kind = spec[0]
+    if isinstance(kind, (list, tuple)):
+        return "COMBO"
+    return kind
+
+
+def is_widget(spec: tuple | list) -> bool:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return input_kind(spec) in WIDGET_TYPES and not options.get("forceInput", False)
+
+
+def extra_widget_values(spec: tuple | list) -> int:
+    """Values the editor stores after an input's own: seed control, image upload button."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    extra = 0
+    if options.get("control_after_generate"):
+        extra += 1
+    if options.get("image_upload"):
+        extra += 1
+    return extra
+
+
+def ordered_inputs(input_types: dict) -> list[tuple[str, Any]]:
+    """(name, spec) in the order the editor creates widgets: required, then optional."""
+    order = input_types.get("input_order")
+    result = []
+    for section in ("required", "optional"):
+        specs = input_types.get(section, {})
+        names = order.get(section, list(specs)) if order else list(specs)
+        result += [(n, specs[n]) for n in names]
+    return result
+
+
+def ui_to_api(workflow: dict, node_inputs: dict[str, dict]) -> dict:
+    """API-format prompt of a UI workflow; `node_inputs[class_type]` is its INPUT_TYPES."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", MODE_ACTIVE) != MODE_ACTIVE:
+            continue
+        linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values", []))
+        inputs: dict[str, Any] = {}
+        for name, spec in ordered_inputs(node_inputs[node["type"]]):
+            if is_widget(spec):
+                if not values:
+                    raise ValueError(f"node {node['id']} ({node['type']}): no widget value "
+                                     f"left for input {name!r}")
+                inputs[name] = values.pop(0)
+                del values[:extra_widget_values(spec)]
+            if name in linked:
+                _, source, slot, *_ = links[linked[name]]
+                inputs[name] = [str(source), slot]
+        if values:
+            raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values "
+                             f"left over: {values}")
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def widget_errors(prompt: dict, node_inputs: dict[str, dict]) -> list[str]:
+    """What ComfyUI's prompt validation would reject in the widget values of `prompt`."""
+    errors = []
+    for node_id, node in prompt.items():
+        specs = dict(ordered_inputs(node_inputs[node["class_type"]]))
+        required = node_inputs[node["class_type"]].get("required", {})
+        for name in required:
+            if name not in node["inputs"]:
+                errors.append(f"node {node_id}: required input {name!r} missing")
+        for name, value in node["inputs"].items():
+            spec = specs.get(name)
+            if spec is None:
+                errors.append(f"node {node_id}: unknown input {name!r}")
+                continue
+            if isinstance(value, list):  # a link
+                continue
+            kind = input_kind(spec)
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if kind == "COMBO":
+                choices = spec[0] if isinstance(spec[0], (list, tuple)) else options.get("options", [])
+                if value not in choices:
+                    errors.append(f"node {node_id}: {name}={value!r} not in {list(choices)[:8]}")
+            elif kind in ("INT", "FLOAT"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or (kind == "INT" and not float(value).is_integer()):
+                    errors.append(f"node {node_id}: {name}={value!r} is not {kind}")
+                elif value < options.get("min", float("-inf")) or value > options.get("max", float("inf")):
+                    errors.append(f"node {node_id}: {name}={value!r} outside "
+                                  f"[{options.get('min')}, {options.get('max')}]")
+            elif kind == "BOOLEAN" and not isinstance(value, bool):
+                errors.append(f"node {node_id}: {name}={value!r} is not BOOLEAN")
+            elif kind == "STRING" and not isinstance(value, str):
+                errors.append(f"node {node_id}: {name}={value!r} is not STRING")
+    return errors
+
+
+# --- the tests (no ComfyUI needed) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pack_nodes(tmp_path_factory):
+    """The pack's node classes, with the host's model folders holding (empty) files under the
+    release's names, so the loaders' model lists are what a user with those files sees."""
+    pack = load_pack()
+    host = sys.modules[f"{pack.__name__}.nodes.host"]
+    root = tmp_path_factory.mktemp("release_names")
+    saved = dict(host._plain_folders)
+    for kind, names in REPACKAGED.items():
+        for name in names:
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            (root / kind / name).write_bytes(b"")
+        host.set_model_folders(kind, [root / kind])
+    yield pack.NODE_CLASS_MAPPINGS
+    host._plain_folders.clear()
+    host._plain_folders.update(saved)
+
+
+@pytest.fixture(scope="module")
+def node_inputs(pack_nodes) -> dict[str, dict]:
+    return {**{name: cls.INPUT_TYPES() for name, cls in pack_nodes.items()}, **CORE_NODE_INPUTS}
+
+
+def node_outputs(pack_nodes, kind: str) -> list[str]:
+    return list(pack_nodes[kind].RETURN_TYPES) if kind in pack_nodes else CORE_OUTPUTS[kind]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_uses_only_registered_nodes(name, pack_nodes):
+    types = {node["type"] for node in load_workflow(name)["nodes"]}
+    unknown = types - set(pack_nodes) - CORE_NODES - VIRTUAL_NODES
+    assert unknown == set(), f"{name}: node types neither ours nor in CORE_NODES: {unknown}"
+    assert {"W22ModelLoader", "W22MoESampler", "W22Decode"} <= types
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_widget_values_are_valid(name, node_inputs):
+    prompt = ui_to_api(load_workflow(name), node_inputs)
+    assert widget_errors(prompt, node_inputs) == []
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_links_join_matching_types_and_end_in_a_saved_video(name, pack_nodes, node_inputs):
+    workflow = load_workflow(name)
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    for link_id, source, slot, target, target_slot, kind in workflow["links"]:
+        produced = node_outputs(pack_nodes, nodes[source]["type"])[slot]
+        wanted = nodes[target]["inputs"][target_slot]
+        declared = dict(ordered_inputs(node_inputs[nodes[target]["type"]]))[wanted["name"]][0]
+        assert produced == kind == wanted["type"] == declared, f"{name}: link {link_id}"
+        assert wanted["link"] == link_id and link_id in nodes[source]["outputs"][slot]["links"]
+    prompt = ui_to_api(workflow, node_inputs)
+    for node_id, node in prompt.items():  # every required link input is connected
+        required = node_inputs[node["class_type"]].get("required", {})
+        missing = [n for n, spec in required.items() if not is_widget(spec) and n not in node["inputs"]]
+        assert missing == [], f"{name}: node {node_id} ({node['class_type']}) lacks {missing}"
+    save = _node(prompt, "SaveVideo")
+    create = prompt[save["inputs"]["video"][0]]
+    assert create["class_type"] == "CreateVideo"
+    assert prompt[create["inputs"]["images"][0]]["class_type"] == "W22Decode"
+
+
+@pytest.mark.parametrize("name, task", [("t2v_A14B.json", "t2v-A14B"), ("i2v_A14B.json", "i2v-A14B"),
+                                        ("ti2v_5B.json", "ti2v-5B")])
+def test_workflow_uses_its_task_models_and_reference_settings(name, task, node_inputs):
+    from wan_core.configs import TASKS
+
+    config = TASKS[task]
+    prompt = ui_to_api(load_workflow(name), node_inputs)
+    kind = task.split("-")[0]
+    models = sorted(n["inputs"]["model_name"] for n in prompt.values() if n["class_type"] == "W22ModelLoader")
+    assert all(m in REPACKAGED["diffusion_models"] and m.startswith(f"wan2.2_{kind}_") for m in models), models
+    vae = _node(prompt, "W22VAELoader")["inputs"]["vae_name"]
+    assert vae == ("wan2.2_vae.safetensors" if config.vae_version == "2.2" else "wan_2.1_vae.safetensors")
+    sampler = _node(prompt, "W22MoESampler")["inputs"]
+    assert (sampler["steps"], sampler["shift"], sampler["solver"]) == (config.sample_steps, config.sample_shift, "unipc")
+    low, high = config.sample_guide_scale if config.is_moe else (None, config.sample_guide_scale)
+    assert sampler["cfg_high_noise"] == high and (low is None or sampler["cfg_low_noise"] == low)
+    assert sampler["boundary"] == 0.0  # the model's own
+    assert ("low_noise_model" in sampler) == config.is_moe
+    latent = _node(prompt, "W22VideoLatent")["inputs"]
+    assert (latent["width"], latent["height"]) in config.supported_sizes and latent["length"] == config.frame_num
+    assert ("start_image" in latent) == (kind == "i2v")
+    assert _node(prompt, "CreateVideo")["inputs"]["fps"] == config.sample_fps
+
+
+def _node(prompt: dict, class_type: str) -> dict:
+    found = [n for n in prompt.values() if n["class_type"] == class_type]
+    assert len(found) == 1, f"expected one {class_type}, found {len(found)}"
+    return found[0]
