@@ -60,12 +60,11 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, device: torch.device)
     return torch.cat(angles, dim=-1).reshape(math.prod(grid), head_dim // 2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each adjacent channel pair (x[2i], x[2i+1]) of x [B,L,N,d] by its angle; float32 math."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent channel pair (x[2i], x[2i+1]) of x [B,L,N,d], read as the complex
+    number x[2i] + i x[2i+1], by the unit complex `rotation` [L,1,d/2]; float32 math."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -77,8 +76,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -104,20 +102,20 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+    def forward(self, x: torch.Tensor, source: torch.Tensor, rope: Optional[torch.Tensor],
                 backend: str) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
         k = self.norm_k(self.k(source)).unflatten(-1, heads)
         v = self.v(source).unflatten(-1, heads)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         return self.o(attention(q, k, v, backend).flatten(-2))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, in float32."""
-    return x.float() * (1 + scale) + shift
+    """adaLN: x * (1 + scale) + shift, in float32 (one fused pass)."""
+    return torch.addcmul(shift, x.float(), 1 + scale)
 
 
 class WanBlock(nn.Module):
@@ -138,15 +136,15 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+                rope: torch.Tensor, backend: str) -> torch.Tensor:
         # x: float32 residual stream [B,L,D]; time_mod: [B,L or 1,6,D] float32
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time_mod).unbind(2)
         h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
-        x = x + self.self_attn(h, h, rope, backend) * gate_sa
+        x = torch.addcmul(x, self.self_attn(h, h, rope, backend), gate_sa)
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, None, backend)
         h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
-        return x + self.ffn(h) * gate_ff
+        return torch.addcmul(x, self.ffn(h), gate_ff)
 
 
 class Head(nn.Module):
@@ -237,7 +235,7 @@ class WanDiT(nn.Module):
         time_emb, time_mod = self._time_embedding(t, batch, tokens.shape[1])
         context = self._embed_text(context, batch)
         angles = rope_angles(grid, config.head_dim, x.device)
-        rope = (torch.cos(angles).float()[:, None], torch.sin(angles).float()[:, None])
+        rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
         for block in self.blocks:
             tokens = block(tokens, time_mod, context, rope, self.attention_backend)
         return self._unpatchify(self.head(tokens, time_emb), grid)
