@@ -18,3 +18,11 @@ def manifest_dir() -> Path:
     if not MANIFEST_DIR.is_dir():
         pytest.skip(f"no checkpoint manifests at {MANIFEST_DIR} (set WAN22_MANIFESTS)")
     return MANIFEST_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory) -> dict[str, Path]:
+    """{task: official-layout folder} of tiny random checkpoints (written once per session)."""
+    from wan_core.demo import ensure_tiny_checkpoints
+
+    return ensure_tiny_checkpoints(str(tmp_path_factory.getbasetemp() / "wan22-cache"))

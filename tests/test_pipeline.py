@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from wan_core.configs import TASKS
-from wan_core.demo import ensure_tiny_checkpoints
 from wan_core.pipeline import (GenerationInterrupted, best_output_size, checkpoint_files, first_frame_mask,
                                generate, i2v_pixel_size, latent_shape, load_task_models, validate_request)
 
-
-@pytest.fixture(scope="session")
-def tiny_folders(tmp_path_factory):
-    """Official-layout folders of tiny random checkpoints for every task (shared by the suite)."""
-    return ensure_tiny_checkpoints(str(tmp_path_factory.getbasetemp() / "wan22-cache"))
 
 
 def test_latent_shape_follows_frames_and_vae_stride():
