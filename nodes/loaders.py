@@ -240,6 +240,9 @@ def task_limits(task: TaskConfig, config: DiTConfig) -> dict:
         "sample_shift": task.sample_shift,
         "sample_steps": task.sample_steps,
         "size_multiple": task.vae_stride[1] * config.patch_size[1],
+        # I2V takes only the area from width x height; the start image sets the aspect ratio
+        # and the pipeline rounds the sides (wan_core.pipeline.i2v_pixel_size).
+        "size_is_area": config.model_type == "i2v",
         "frame_stride": task.vae_stride[0],
         "supported_sizes": [list(s) for s in task.supported_sizes],
         "fps": task.sample_fps,

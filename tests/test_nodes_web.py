@@ -80,3 +80,12 @@ def test_size_problems_flag_what_the_model_cannot_take():
     assert [level for level, _ in problems[1]] == ["error"] and "multiples of 32" in problems[1][0][1]
     assert [level for level, _ in problems[2]] == ["error"] and "4k+1" in problems[2][0][1]
     assert [level for level, _ in problems[3]] == ["warn"] and "1280x704" in problems[3][0][1]
+
+
+def test_i2v_sizes_set_only_the_area_so_any_side_is_taken():
+    info = {"task": "i2v-A14B", "size_multiple": 16, "size_is_area": True, "frame_stride": 4,
+            "supported_sizes": [[832, 480], [480, 832]]}
+    videos = [dict(width=1000, height=480, length=81), dict(width=832, height=480, length=80)]
+    problems = run_schedule_js([], [[info, v] for v in videos])["problems"]
+    assert [level for level, _ in problems[0]] == ["warn"]
+    assert [level for level, _ in problems[1]] == ["error"] and "4k+1" in problems[1][0][1]

@@ -40,11 +40,13 @@ export function handoff({ steps, shift, boundary, solver = "unipc", denoise = 1.
 
 // Problems with a video size for a model: [level, message] pairs, level "error" for sizes the
 // model cannot take and "warn" for sizes it was not trained at. `info` is the server's
-// /wan22/model_info answer (size_multiple, frame_stride, supported_sizes).
+// /wan22/model_info answer (size_multiple, size_is_area, frame_stride, supported_sizes). When
+// size_is_area (I2V), width x height only sets the area and the image sets the aspect ratio,
+// so any width and height can be taken.
 export function sizeProblems(info, { width, height, length }) {
   const problems = [];
   const m = info.size_multiple;
-  if (width % m !== 0 || height % m !== 0) {
+  if (!info.size_is_area && (width % m !== 0 || height % m !== 0)) {
     problems.push(["error", `${info.task}: width and height must be multiples of ${m} (got ${width}x${height})`]);
   }
   if ((length - 1) % info.frame_stride !== 0) {

@@ -127,6 +127,7 @@ app.registerExtension({
       const result = onDrawForeground?.apply(this, arguments);
       if (this.flags?.collapsed) return result;
       const shown = lines(this);
+      this.wan22Lines = shown.map(([, text]) => text); // what is shown, for tests and debugging
       const needed = this.computeSize()[1] + shown.length * LINE_HEIGHT;
       if (this.size[1] < needed) this.setSize([this.size[0], needed]);
       ctx.save();
