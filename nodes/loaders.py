@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 

@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -148,7 +147,9 @@ def server(tmp_path_factory):
             except OSError:
                 pass
             time.sleep(0.5)
-        print(f"ComfyUI answered after {time.monotonic() - started:.1f} s")
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        print(f"ComfyUI {commit} answered after {time.monotonic() - started:.1f} s")
         yield srv
     finally:
         process.terminate()

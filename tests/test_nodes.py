@@ -286,6 +286,32 @@ def test_denoise_below_one_refines_the_input_latent(models):
     assert (refined["samples"] - first["samples"]).norm() < (fresh["samples"] - first["samples"]).norm()
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_memory_settings_place_one_expert_at_a_time(models, monkeypatch, offload):
+    """The sampler asks the host to place each expert when its steps begin; with
+    offload_inactive_expert the high-noise expert is sent away before the low-noise one comes.
+    (On this CPU-only machine both devices are the CPU, so the host calls are what is observed;
+    they run for real.)"""
+    high, _ = _load("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors")
+    low, _ = _load("wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors")
+    (conditioning,) = samplers.W22TextEncode().encode(_encoder(), "x", "")
+    (latent,) = samplers.W22VideoLatent().make(high, batch_size=1, **TINY)
+    names = {id(high.hosted): "high", id(low.hosted): "low"}
+    events = []
+    for verb in ("load_to_compute", "offload"):
+        real = getattr(host, verb)
+
+        def record(models, real=real, verb=verb):
+            models = list(models)
+            events.extend((verb, names[id(m)]) for m in models)
+            return real(models)
+        monkeypatch.setattr(host, verb, record)
+    memory = samplers.W22MemorySettings().settings(offload)[0]
+    _sample(high, conditioning, latent, low=low, memory=memory, steps=4)  # shift 12: 3 high-noise steps
+    expected = [("load_to_compute", "high")] + [("offload", "high")] * offload + [("load_to_compute", "low")]
+    assert events == expected
+
+
 # --- bad input --------------------------------------------------------------------------------------
 
 def test_bad_inputs_are_clear_errors_naming_the_input(models, start_image):
