@@ -8,9 +8,10 @@ _PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _PACK_ROOT not in sys.path:
     sys.path.append(_PACK_ROOT)
 
+from . import loaders, prompt_extend, samplers  # noqa: E402
+
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-
-from . import prompt_extend as _prompt_extend  # noqa: E402  (the prompt-extension node)
-NODE_CLASS_MAPPINGS.update(_prompt_extend.NODE_CLASS_MAPPINGS)
-NODE_DISPLAY_NAME_MAPPINGS.update(_prompt_extend.NODE_DISPLAY_NAME_MAPPINGS)
+for _module in (loaders, samplers, prompt_extend):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
