@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wan_core.configs import TaskConfig, get_task
+from wan_core.configs import TASKS, TaskConfig, get_task
 from wan_core.loading import INDEX_SUFFIX, SAFETENSORS_SUFFIXES
 from wan_core.sampling.schedule import check_boundary, check_solver, check_steps
 
@@ -141,8 +141,8 @@ def validate_request(task: Union[str, TaskConfig], *, size: Union[str, Size], fr
     if width <= 0 or height <= 0:
         raise ValueError(f"size {width}*{height}: width and height must be positive")
     multiple_h, multiple_w = _token_multiple(task)
-    conditioned_on_image_size = _needs_image(task)  # I2V takes only the area from size
-    if not conditioned_on_image_size and (width % multiple_w or height % multiple_h):
+    area_only = image is not None  # with an image, size gives only the area; the sides follow the image
+    if not area_only and (width % multiple_w or height % multiple_h):
         raise ValueError(f"size {width}*{height}: {task.name} needs width a multiple of {multiple_w} and height a "
                          f"multiple of {multiple_h} (VAE stride x patch size)")
     if isinstance(frame_num, bool) or not isinstance(frame_num, numbers.Integral) or frame_num < 1 \
@@ -161,16 +161,10 @@ def validate_request(task: Union[str, TaskConfig], *, size: Union[str, Size], fr
     if boundary is not None:
         if not task.is_moe:
             raise ValueError(f"{task.name} runs one model; boundary (the hand-off between two experts) applies "
-                             f"only to {', '.join(sorted(_moe_task_names()))}")
+                             f"only to {', '.join(name for name, t in TASKS.items() if t.is_moe)}")
         check_boundary(boundary)
     if guide_scale is not None:
         _check_guide_scale(guide_scale, task)
-
-
-def _moe_task_names() -> list[str]:
-    from wan_core.configs import TASKS
-
-    return [name for name, t in TASKS.items() if t.is_moe]
 
 
 def _check_guide_scale(guide_scale, task: TaskConfig) -> None:
