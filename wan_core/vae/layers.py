@@ -57,7 +57,7 @@ class CausalConv3d(nn.Conv3d):
             stream = x if past is None else torch.cat([past, x], dim=2)
             cache.put(self, stream[:, :, -self.past_frames:].clone())
             zeros_in_front = self.past_frames - (stream.shape[2] - x.shape[2])
-            x = F.pad(stream, (0, 0, 0, 0, zeros_in_front, 0))
+            x = F.pad(stream, (0, 0, 0, 0, zeros_in_front, 0)) if zeros_in_front else stream
         return super().forward(x)
 
 
@@ -72,7 +72,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 when the activations are half precision (the sum of squares overflows)
         unit = F.normalize(x.float() if x.element_size() < 4 else x, dim=1).to(x.dtype)
-        return unit * self.scale * self.gamma
+        return unit.mul_(self.scale).mul_(self.gamma)  # in place: full-resolution tensors are large
 
 
 def _frames_as_batch(x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +100,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TemporalCache) -> torch.Tensor:
         r = self.residual
-        h = r["2"](F.silu(r["0"](x)), cache)
-        h = r["6"](F.silu(r["3"](h)), cache)
+        h = r["2"](F.silu(r["0"](x), inplace=True), cache)
+        h = r["6"](F.silu(r["3"](h), inplace=True), cache)
         return h + self.shortcut(x)
 
 
@@ -112,7 +112,7 @@ class Head(nn.ModuleDict):
         super().__init__({"0": RMSNorm(in_dim), "2": CausalConv3d(in_dim, out_dim, 3)})
 
     def forward(self, x: torch.Tensor, cache: TemporalCache) -> torch.Tensor:
-        return self["2"](F.silu(self["0"](x)), cache)
+        return self["2"](F.silu(self["0"](x), inplace=True), cache)
 
 
 class AttentionBlock(nn.Module):

@@ -1,7 +1,6 @@
 """Loading a Wan VAE from any layout it ships in, its version told by names and shapes."""
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Mapping, Sequence, Union
 
@@ -37,8 +36,7 @@ def detect_vae_config(shapes: Mapping[str, Union[Sequence[int], torch.Tensor]]) 
         raise ValueError(f"its block layout is the Wan{base.version} VAE's, which has {base.z_dim} latent "
                          f"channels, but conv2 has {z_dim}")
     dim, in_channels = shapes["encoder.conv1.weight"][:2]
-    patch = math.isqrt(in_channels // 3)
-    if in_channels != 3 * base.patch_size ** 2 or patch != base.patch_size:
+    if in_channels != 3 * base.patch_size ** 2:
         raise ValueError(f"the encoder's first conv takes {in_channels} channels; the Wan{base.version} VAE "
                          f"takes {3 * base.patch_size ** 2}")
     return replace(base, dim=dim, dec_dim=shapes["decoder.head.0.gamma"][0])
