@@ -98,3 +98,14 @@ def test_guide_scale_flag_takes_one_number_or_a_pair(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--ckpt_dir", ".", "--prompt", "x", "--sample_guide_scale", "1,2,3"])
     assert "expected a number or LOW,HIGH" in capsys.readouterr().err
+
+
+def test_compile_flag_gives_the_same_video(tiny_folders, tmp_path):
+    """--compile runs the blocks through torch.compile; the decoded frames stay the eager ones."""
+    videos = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"fox{len(extra)}.mp4"
+        assert main(["generate", "--task", "ti2v-5B", "--ckpt_dir", str(tiny_folders["ti2v-5B"]),
+                     "--prompt", "a fox", "--save_file", str(out), *TINY, "--size", "64*64", *extra]) == 0
+        videos.append(read_video(out)[0].astype(np.int16))
+    assert np.abs(videos[0] - videos[1]).max() <= 1

@@ -72,7 +72,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Keep the DiTs (and the text encoder) on the CPU and move each to the GPU only while it "
                              "runs (default: true on a GPU, as the reference does for one GPU).")
     parser.add_argument("--convert_model_dtype", action="store_true",
-                        help="Hold the DiT weights in bfloat16 (the reference's param_dtype) instead of float32.")
+                        help="Hold the DiT weights in bfloat16 (the reference's param_dtype) instead of float32. "
+                             "Use it on a GPU: without it the DiT also computes in float32 (the reference "
+                             "autocasts its float32 weights to bf16), which needs twice the memory and runs "
+                             "several times slower.")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block: the first step takes about a minute "
+                             "longer, later ones run ~10%% faster (bench/RESULTS.md).")
     parser.add_argument("--t5_cpu", action="store_true", help="Run the umt5 text encoder on the CPU.")
     parser.add_argument("--prompt", required=True, help="What the video shows.")
     parser.add_argument("--negative_prompt", default="",
@@ -171,6 +177,8 @@ def run_generate(args: argparse.Namespace) -> Path:
              str(dtype).removeprefix("torch."), device, offload, args.t5_cpu)
     models = load_task_models(task, args.ckpt_dir, dtype=dtype, device=device, t5_cpu=args.t5_cpu,
                               offload_model=offload, quant=args.quant)
+    if args.compile:
+        models.compile_blocks()
     log.info("generating %d frames at %s, %d steps, seed %d", frame_num, format_size(size), steps, seed)
     with tqdm(total=steps, desc=task.name, unit="step", file=sys.stderr) as bar, StopOnCtrlC() as stop:
         video = models.generate(

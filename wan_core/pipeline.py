@@ -462,6 +462,11 @@ class TaskModels:
     offload_model: bool = False
     t5_cpu: bool = False
 
+    def compile_blocks(self) -> None:
+        """torch.compile every expert's transformer blocks (`WanDiT.compile_blocks`)."""
+        for expert in _expert_list(self.experts):
+            expert.compile_blocks()
+
     def generate(self, **request) -> torch.Tensor:
         return generate(self.task, experts=self.experts, vae=self.vae, text_encoder=self.text_encoder,
                         device=self.device, offload_model=self.offload_model, t5_cpu=self.t5_cpu, **request)
