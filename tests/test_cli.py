@@ -100,12 +100,21 @@ def test_guide_scale_flag_takes_one_number_or_a_pair(capsys):
     assert "expected a number or LOW,HIGH" in capsys.readouterr().err
 
 
-def test_compile_flag_gives_the_same_video(tiny_folders, tmp_path):
-    """--compile runs the blocks through torch.compile; the decoded frames stay the eager ones."""
-    videos = []
+def test_compile_flag_compiles_and_keeps_the_video(tiny_folders, tmp_path):
+    """--compile runs the blocks through torch.compile and the video stays the eager one. The
+    latents agree to ~1e-5 (tests/test_nodes.py); the random tiny VAE amplifies that and the
+    lossy mp4 can flip an encoder decision for a whole block, so frames are compared on average
+    (a wrong model differs by tens of levels)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    videos, graphs = [], []
     for extra in ([], ["--compile"]):
         out = tmp_path / f"fox{len(extra)}.mp4"
         assert main(["generate", "--task", "ti2v-5B", "--ckpt_dir", str(tiny_folders["ti2v-5B"]),
                      "--prompt", "a fox", "--save_file", str(out), *TINY, "--size", "64*64", *extra]) == 0
         videos.append(read_video(out)[0].astype(np.int16))
-    assert np.abs(videos[0] - videos[1]).max() <= 1
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0]
+    assert np.abs(videos[0] - videos[1]).mean() <= 2
