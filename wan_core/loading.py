@@ -462,6 +462,41 @@ def dequantize_fp8(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -
 
 
 # --------------------------------------------------------------------------------------------
+# Checks shared by the loaders
+
+
+def check_load_options(dtype: torch.dtype, quant: Optional[str] = None) -> None:
+    """A ValueError unless `dtype` is a float dtype to hold parameters in and `quant` a known mode."""
+    if quant is not None and quant not in QUANT_MODES:
+        raise ValueError(f"quant={quant!r} is not supported; expected None or one of {sorted(QUANT_MODES)}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in FP8_DTYPES):
+        raise ValueError(f"dtype must be a torch float dtype such as torch.bfloat16 (fp8 storage is "
+                         f"chosen with quant=...), got {dtype!r}")
+
+
+def mismatch_report(wanted: Mapping[str, Sequence[int]], shapes: Mapping[str, Sequence[int]]) -> Optional[str]:
+    """None when `shapes` has exactly the names and shapes `wanted`; else a short account of the
+    missing, unexpected and wrongly shaped tensors for an error message."""
+    missing = sorted(set(wanted) - set(shapes))
+    unexpected = sorted(set(shapes) - set(wanted))
+    wrong = [f"{k}: {tuple(shapes[k])} (expected {tuple(wanted[k])})" for k in sorted(set(wanted) & set(shapes))
+             if tuple(shapes[k]) != tuple(wanted[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:4]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
+    if wrong:
+        problems.append(f"{len(wrong)} with the wrong shape (e.g. {wrong[:3]})")
+    return "; ".join(problems) or None
+
+
+def layout_names(layouts: Sequence[str]) -> str:
+    """How messages name the layouts a checkpoint was read as."""
+    return "+".join(layouts) if layouts else "official/ComfyUI"
+
+
+# --------------------------------------------------------------------------------------------
 # The DiT
 
 HEAD_DIM = 128  # every Wan2.x DiT; the weights do not reveal the number of heads otherwise
@@ -521,11 +556,7 @@ def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Uni
     from wan_core.dit import WanDiT
 
     name = _describe(source)
-    if quant is not None and quant not in QUANT_MODES:
-        raise ValueError(f"quant={quant!r} is not supported; expected None or one of {sorted(QUANT_MODES)}")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in FP8_DTYPES):
-        raise ValueError(f"dtype must be a torch float dtype such as torch.bfloat16 (fp8 storage is "
-                         f"chosen with quant=...), got {dtype!r}")
+    check_load_options(dtype, quant)
     device = torch.device(device)
 
     state_dict, layouts = convert_layout(read_state_dict(source), "dit")
@@ -574,20 +605,8 @@ def _check_names_and_shapes(expected: Mapping[str, torch.Tensor], shapes: Mappin
                             fp8_weights: set[str], name: str, layouts: Sequence[str], config: DiTConfig) -> None:
     wanted = {k: tuple(v.shape) for k, v in expected.items()
               if not (k.endswith(".weight_scale") and k[: -len("_scale")] in fp8_weights)}
-    missing = sorted(set(wanted) - set(shapes))
-    unexpected = sorted(set(shapes) - set(wanted))
-    wrong = [f"{k}: {tuple(shapes[k])} (expected {wanted[k]})" for k in sorted(set(wanted) & set(shapes))
-             if tuple(shapes[k]) != wanted[k]]
-    if not (missing or unexpected or wrong):
-        return
-    layout = "+".join(layouts) if layouts else "official/ComfyUI"
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[:4]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
-    if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape (e.g. {wrong[:3]})")
-    raise ValueError(f"{name} (read as the {layout} layout) does not match the Wan2.2 {config.model_type} DiT "
-                     f"its shapes suggest (dim {config.dim}, {config.num_layers} layers): tensors "
-                     f"{'; '.join(problems)}. Is the file complete and a Wan2.2 model?")
+    problems = mismatch_report(wanted, shapes)
+    if problems:
+        raise ValueError(f"{name} (read as the {layout_names(layouts)} layout) does not match the Wan2.2 "
+                         f"{config.model_type} DiT its shapes suggest (dim {config.dim}, {config.num_layers} "
+                         f"layers): tensors {problems}. Is the file complete and a Wan2.2 model?")

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from wan_core.configs import DiTConfig, task_for_model_type
 from wan_core.loading import FP8_MARKER, INDEX_SUFFIX, to_layout
 from wan_core.ops.linear import quantize_fp8
+from wan_core.testing.files import write_single_file
 
 DIT_LAYOUTS = ("official", "comfy", "comfy_prefixed", "comfy_fp8_scaled", "comfy_fp8_quant", "diffusers",
                "diffusers_file", "pth")
@@ -137,17 +138,7 @@ def write_dit_checkpoint(path: Union[str, Path], variant: str, layout: str, *, d
         config_json = _official_config_json(config) if layout == "official" else _diffusers_config_json(config)
         (path / "config.json").write_text(json.dumps(config_json, indent=2))
         return path
-    suffix = ".pth" if layout == "pth" else ".safetensors"
-    if path.is_dir():
-        path = path / f"wan_{variant}_{layout}{suffix}"
-    elif not path.suffix:
-        path = path.with_suffix(suffix)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if layout == "pth":
-        torch.save(tensors, path)
-    else:
-        save_file(tensors, str(path), metadata=metadata or None)
-    return path
+    return write_single_file(path, f"wan_{variant}_{layout}", tensors, as_pickle=layout == "pth", metadata=metadata)
 
 
 def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:

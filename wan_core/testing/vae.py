@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from wan_core.loading import to_layout
+from wan_core.testing.files import write_single_file
 from wan_core.vae.config import VAE_CONFIGS, VAEConfig
 
 VAE_LAYOUTS = ("official", "comfy", "diffusers", "diffusers_file")
@@ -98,14 +99,5 @@ def write_vae_checkpoint(path: Union[str, Path], version: str, layout: str, *, c
         save_file(tensors, str(path / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         (path / "config.json").write_text(json.dumps(diffusers_vae_config(config), indent=2))
         return path
-    suffix = ".pth" if layout == "official" else ".safetensors"
-    if path.is_dir():
-        path = path / f"wan{version.replace('.', '_')}_vae_{layout}{suffix}"
-    elif not path.suffix:
-        path = path.with_suffix(suffix)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if layout == "official":
-        torch.save(tensors, path)
-    else:
-        save_file(tensors, str(path))
-    return path
+    return write_single_file(path, f"wan{version.replace('.', '_')}_vae_{layout}", tensors,
+                             as_pickle=layout == "official")

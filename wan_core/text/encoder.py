@@ -28,9 +28,9 @@ from transformers import UMT5Config, UMT5EncoderModel
 from transformers.models.umt5.modeling_umt5 import UMT5DenseGatedActDense
 
 from wan_core.configs import TEXT_LEN
-from wan_core.loading import (QUANT_MODES, Source, convert_layout, read_state_dict, require_kind,
-                              split_fp8)
-from wan_core.ops.linear import FP8_DTYPES, convert_linears_to_fp8, fp8_to_dtype, quantize_fp8
+from wan_core.loading import (QUANT_MODES, Source, check_load_options, convert_layout, read_state_dict,
+                              require_kind, split_fp8)
+from wan_core.ops.linear import convert_linears_to_fp8, fp8_to_dtype, quantize_fp8
 from wan_core.text.tokenizer import (TokenizerSource, UMT5Tokenizer, is_tokenizer_folder,
                                      load_tokenizer)
 
@@ -149,11 +149,7 @@ def load_text_encoder(source: Source, *, dtype: torch.dtype = torch.bfloat16,
     scale per tensor, upcast to `dtype` per matmul); fp8 files keep their stored weights.
     """
     name = "the given state dict" if isinstance(source, Mapping) else str(source)
-    if quant is not None and quant not in QUANT_MODES:
-        raise ValueError(f"quant={quant!r} is not supported; expected None or one of {sorted(QUANT_MODES)}")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in FP8_DTYPES):
-        raise ValueError(f"dtype must be a torch float dtype such as torch.bfloat16 (fp8 storage is chosen "
-                         f"with quant=...), got {dtype!r}")
+    check_load_options(dtype, quant)
     device = torch.device(device)
 
     folder_config = _transformers_folder_config(source)

@@ -6,8 +6,8 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-from wan_core.loading import Source, _describe, convert_layout, read_state_dict, require_kind
-from wan_core.ops.linear import FP8_DTYPES
+from wan_core.loading import (Source, _describe, check_load_options, convert_layout, layout_names, mismatch_report,
+                              read_state_dict, require_kind)
 from wan_core.vae.config import VAE_CONFIGS, VAEConfig
 from wan_core.vae.model import WanVAE
 
@@ -48,8 +48,7 @@ def load_vae(source: Source, *, dtype: torch.dtype = torch.float32,
     safetensors file (official names, any float dtype), a diffusers AutoencoderKLWan folder or
     file, or a state dict. Weights are assigned once, already in `dtype` on `device`."""
     name = _describe(source)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in FP8_DTYPES):
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    check_load_options(dtype)
     device = torch.device(device)
 
     state_dict, layouts = convert_layout(read_state_dict(source), "vae")
@@ -70,20 +69,8 @@ def load_vae(source: Source, *, dtype: torch.dtype = torch.float32,
 
 def _check_names_and_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor],
                             name: str, layouts: Sequence[str], config: VAEConfig) -> None:
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} (expected {expected[k]})"
-             for k in sorted(set(expected) & set(state_dict)) if tuple(state_dict[k].shape) != expected[k]]
-    if not (missing or unexpected or wrong):
-        return
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[:4]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
-    if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape (e.g. {wrong[:3]})")
-    layout = "+".join(layouts) if layouts else "official/ComfyUI"
-    raise ValueError(f"{name} (read as the {layout} layout) does not match the Wan{config.version} VAE its "
-                     f"names suggest (widths {config.dim}/{config.dec_dim}): tensors {'; '.join(problems)}. "
-                     f"Is the file complete and a Wan VAE?")
+    problems = mismatch_report(expected, {k: v.shape for k, v in state_dict.items()})
+    if problems:
+        raise ValueError(f"{name} (read as the {layout_names(layouts)} layout) does not match the "
+                         f"Wan{config.version} VAE its names suggest (widths {config.dim}/{config.dec_dim}): "
+                         f"tensors {problems}. Is the file complete and a Wan VAE?")
