@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from wan_core.configs import DiTConfig, task_for_model_type
 from wan_core.loading import FP8_MARKER, INDEX_SUFFIX, to_layout
 from wan_core.ops.linear import quantize_fp8
-from wan_core.testing.files import write_single_file
+from wan_core.testing.files import random_state_dict, write_single_file
 
 DIT_LAYOUTS = ("official", "comfy", "comfy_prefixed", "comfy_fp8_scaled", "comfy_fp8_quant", "diffusers",
                "diffusers_file", "pth")
@@ -49,24 +49,13 @@ def dit_state_dict(config: DiTConfig, *, dtype: torch.dtype = torch.float32, see
     """
     from wan_core.dit import WanDiT
 
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanDiT(config).state_dict().items()}
-    if torch.device(device).type == "meta":
-        return {k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    def kind(name: str, shape: torch.Size) -> str:
         module = name.split(".")[-2] if "." in name else ""
         if module.startswith("norm") and name.endswith(".weight"):
-            value = 1 + 0.2 * noise
-        elif len(shape) >= 2 and not name.endswith("modulation"):
-            value = noise / math.sqrt(math.prod(shape[1:]))
-        else:
-            value = 0.2 * noise
-        out[name] = value.to(device=device, dtype=dtype)
-    return out
+            return "gain"
+        return "matrix" if len(shape) >= 2 and not name.endswith("modulation") else "other"
+
+    return random_state_dict(lambda: WanDiT(config), kind, dtype=dtype, seed=seed, device=device)
 
 
 def layout_state_dict(state_dict: dict[str, torch.Tensor], layout: str, *,

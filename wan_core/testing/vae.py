@@ -8,7 +8,6 @@ random values; each layout is that dict written the way the real files are: the 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from wan_core.loading import to_layout
-from wan_core.testing.files import write_single_file
+from wan_core.testing.files import random_state_dict, write_single_file
 from wan_core.vae.config import VAE_CONFIGS, VAEConfig
 
 VAE_LAYOUTS = ("official", "comfy", "diffusers", "diffusers_file")
@@ -42,23 +41,12 @@ def vae_state_dict(config: VAEConfig, *, dtype: torch.dtype = torch.float32, see
     """
     from wan_core.vae.model import WanVAE
 
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanVAE(config).state_dict().items()}
-    if torch.device(device).type == "meta":
-        return {k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in sorted(shapes):
-        shape = shapes[name]
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    def kind(name: str, shape: torch.Size) -> str:
         if name.endswith(".gamma"):
-            value = 1 + 0.2 * noise
-        elif name.endswith(".weight"):
-            value = noise / math.sqrt(math.prod(shape[1:]))
-        else:
-            value = 0.2 * noise
-        out[name] = value.to(device=device, dtype=dtype)
-    return out
+            return "gain"
+        return "matrix" if name.endswith(".weight") else "other"
+
+    return random_state_dict(lambda: WanVAE(config), kind, dtype=dtype, seed=seed, device=device)
 
 
 def diffusers_vae_config(config: VAEConfig) -> dict:
