@@ -1,4 +1,8 @@
-"""Shared test set-up: paths to the shared manifests and a deterministic torch."""
+"""Shared test set-up: the checkpoint manifests and a deterministic torch.
+
+`tests/manifests/` is a copy of the project's shared manifests (every tensor name and shape of
+the real checkpoint files), kept in the repository so that a clean checkout checks against them;
+test_manifest_copy.py keeps the copy equal to ../shared/manifests where that exists."""
 from __future__ import annotations
 
 import os
@@ -8,7 +12,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MANIFEST_DIR = Path(os.environ.get("WAN22_MANIFESTS", REPO_ROOT.parent / "shared" / "manifests"))
+MANIFEST_DIR = Path(os.environ.get("WAN22_MANIFESTS", REPO_ROOT / "tests" / "manifests"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
