@@ -52,3 +52,12 @@ def test_demo_ckpt_dir_finds_one_official_folder_or_several(tiny_folders, tmp_pa
     assert find_real_checkpoints(holder) == tiny_folders
     with pytest.raises(FileNotFoundError, match="neither an official Wan2.2 folder nor holds one"):
         find_real_checkpoints(tmp_path)
+
+
+def test_real_weights_run_in_bf16_and_tiny_ones_at_their_small_size(tmp_path):
+    from wan_core.demo import TinyRun, generate_argv
+
+    real = generate_argv("t2v-A14B", tmp_path, tmp_path / "a.mp4", None, None, None)
+    tiny = generate_argv("t2v-A14B", tmp_path, tmp_path / "a.mp4", None, TinyRun("160*96", 9, 8), None)
+    assert "--convert_model_dtype" in real and "--size" not in real
+    assert "--convert_model_dtype" not in tiny and tiny[tiny.index("--size") + 1] == "160*96"

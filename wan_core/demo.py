@@ -195,6 +195,8 @@ def generate_argv(task: str, ckpt_dir: Path, save_file: Path, image: Optional[Pa
     if tiny is not None:
         argv += ["--size", tiny.size, "--frame_num", str(tiny.frame_num), "--sample_steps", str(tiny.steps),
                  "--allow_any_size"]
+    else:  # real 14B experts: bf16 weights, as the reference's single-GPU recipe
+        argv.append("--convert_model_dtype")
     if device:
         argv += ["--device", device]
     return argv
@@ -238,7 +240,8 @@ def run_demo(args: argparse.Namespace) -> list[Path]:
           "check the whole path from the official folder layout to the mp4. The same commands run the\n"
           "real models: download the official folders and point --ckpt_dir at them, e.g.\n")
     for task, _ in commands:
-        example = ["--task", task, "--ckpt_dir", f"/path/{official_folder_name(task)}", "--prompt", PROMPTS[task]]
+        example = ["--task", task, "--ckpt_dir", f"/path/{official_folder_name(task)}", "--convert_model_dtype",
+                   "--prompt", PROMPTS[task]]
         if TASKS[task].dit.model_type in ("i2v", "ti2v"):
             example += ["--image", "your_image.jpg"]
         print(f"  {_command(example)} --save_file {task}.mp4\n")
