@@ -30,3 +30,22 @@ def tiny_folders(tmp_path_factory) -> dict[str, Path]:
     from wan_core.demo import ensure_tiny_checkpoints
 
     return ensure_tiny_checkpoints(str(tmp_path_factory.getbasetemp() / "wan22-cache"))
+
+
+@pytest.fixture(scope="module")
+def fake():
+    """A local DashScope server on 127.0.0.1 (wan_core.testing.fake_dashscope)."""
+    from wan_core.testing.fake_dashscope import FakeDashScope
+
+    with FakeDashScope() as server:
+        yield server
+
+
+@pytest.fixture
+def dashscope_env(fake, monkeypatch, dash_key):
+    """DASH_API_KEY = the test module's `dash_key`, DASH_API_URL = the fake server, no script."""
+    monkeypatch.setenv("DASH_API_KEY", dash_key)
+    monkeypatch.setenv("DASH_API_URL", fake.url)
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    fake.script()
+    return fake

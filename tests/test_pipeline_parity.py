@@ -135,30 +135,16 @@ def test_both_experts_run_in_these_requests(task_name):
     assert 0 < handoff_index(timesteps, task.boundary) < STEPS
 
 
-@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
-def test_t2v_two_experts_match_diffusers_wan_pipeline(tiny_folders, tmp_path, solver):
-    ours, theirs = run_both("t2v-A14B", tiny_folders, tmp_path, solver=solver)
+@pytest.mark.parametrize("task, solver, with_image, oracle", [
+    ("t2v-A14B", "unipc", False, "WanPipeline, two transformers"),
+    ("t2v-A14B", "dpm++", False, "WanPipeline, two transformers"),
+    ("i2v-A14B", "unipc", True, "WanImageToVideoPipeline, two transformers"),
+    ("ti2v-5B", "unipc", False, "WanPipeline, expand_timesteps"),
+    ("ti2v-5B", "unipc", True, "WanImageToVideoPipeline, expand_timesteps"),
+])
+def test_latents_match_diffusers_pipelines(tiny_folders, tmp_path, task, solver, with_image, oracle):
+    image = random_image(*SIZE) if with_image else None
+    ours, theirs = run_both(task, tiny_folders, tmp_path, solver=solver, image=image)
     error = relative_error(ours, theirs)
-    print(f"t2v-A14B {solver}: max relative error {error:.2e}")
-    assert error <= TOLERANCE
-
-
-def test_i2v_two_experts_match_diffusers_image_to_video_pipeline(tiny_folders, tmp_path):
-    ours, theirs = run_both("i2v-A14B", tiny_folders, tmp_path, image=random_image(*SIZE))
-    error = relative_error(ours, theirs)
-    print(f"i2v-A14B: max relative error {error:.2e}")
-    assert error <= TOLERANCE
-
-
-def test_ti2v_text_only_matches_diffusers_wan_pipeline(tiny_folders, tmp_path):
-    ours, theirs = run_both("ti2v-5B", tiny_folders, tmp_path)
-    error = relative_error(ours, theirs)
-    print(f"ti2v-5B text-only: max relative error {error:.2e}")
-    assert error <= TOLERANCE
-
-
-def test_ti2v_image_matches_diffusers_image_to_video_pipeline(tiny_folders, tmp_path):
-    ours, theirs = run_both("ti2v-5B", tiny_folders, tmp_path, image=random_image(*SIZE))
-    error = relative_error(ours, theirs)
-    print(f"ti2v-5B with image: max relative error {error:.2e}")
+    print(f"{task} {solver}{' with image' if with_image else ''} vs {oracle}: max relative error {error:.2e}")
     assert error <= TOLERANCE

@@ -25,7 +25,7 @@ from wan_core.prompt_extend import DashScopeExtender, PromptExtendError, extend_
 from wan_core.prompt_extend import dashscope_api
 from wan_core.prompt_extend.dashscope_api import DEFAULT_URL, SEED_LIMIT
 from wan_core.prompt_extend.system_prompts import I2V_EMPTY_EN, I2V_EN, T2V_EN, T2V_ZH
-from wan_core.testing.fake_dashscope import (IMAGE_PATH, TEXT_PATH, FakeDashScope, Reply,
+from wan_core.testing.fake_dashscope import (IMAGE_PATH, TEXT_PATH, Reply,
                                              all_log_output, answer)
 
 pytest.importorskip("dashscope", reason="the DashScope SDK is the 'extend' extra")
@@ -33,19 +33,10 @@ pytest.importorskip("dashscope", reason="the DashScope SDK is the 'extend' extra
 KEY = f"sk-test-{uuid.uuid4().hex}"
 
 
-@pytest.fixture(scope="module")
-def fake():
-    with FakeDashScope() as server:
-        yield server
-
-
 @pytest.fixture
-def dashscope_env(fake, monkeypatch):
-    monkeypatch.setenv("DASH_API_KEY", KEY)
-    monkeypatch.setenv("DASH_API_URL", fake.url)
-    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
-    fake.script()
-    return fake
+def dash_key():
+    """The key the shared `dashscope_env` fixture (conftest.py) puts in DASH_API_KEY."""
+    return KEY
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from wan_core.prompt_extend import PromptExtendError, cached_models, release_local_models
 from wan_core.testing.chat import write_chat_model
-from wan_core.testing.fake_dashscope import (IMAGE_PATH, TEXT_PATH, FakeDashScope, Reply,
+from wan_core.testing.fake_dashscope import (IMAGE_PATH, TEXT_PATH, Reply,
                                              all_log_output, answer)
 
 pytest.importorskip("dashscope", reason="the DashScope SDK is the 'extend' extra")
@@ -64,19 +64,10 @@ def node(node_class):
     return node_class()
 
 
-@pytest.fixture(scope="module")
-def fake():
-    with FakeDashScope() as server:
-        yield server
-
-
 @pytest.fixture
-def dashscope_env(fake, monkeypatch):
-    monkeypatch.setenv("DASH_API_KEY", KEY)
-    monkeypatch.setenv("DASH_API_URL", fake.url)
-    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
-    fake.script()
-    return fake
+def dash_key():
+    """The key the shared `dashscope_env` fixture (conftest.py) puts in DASH_API_KEY."""
+    return KEY
 
 
 @pytest.fixture(scope="module")
