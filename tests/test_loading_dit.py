@@ -62,9 +62,13 @@ def test_every_layout_loads_the_same_model(checkpoints, variant):
         else:
             assert all(torch.equal(params[k], reference[k]) for k in reference), layout
         outputs[layout] = run(model, variant)
+    # The parameters are equal bit for bit (above); the outputs only to rounding, because MKL's
+    # AVX-512 float32 kernels give results that depend on how the memory-mapped tensors are
+    # aligned, which differs between layouts.
     for layout in DIT_LAYOUTS:
         base = "comfy_fp8_scaled" if layout in FP8_LAYOUTS else "official"
-        assert torch.equal(outputs[layout], outputs[base]), layout
+        error = (outputs[layout] - outputs[base]).abs().max() / outputs[base].abs().max()
+        assert error <= 1e-5, (layout, error.item())
     # fp8 changes the numbers a little, not the model
     fp8_err = (outputs["comfy_fp8_scaled"] - outputs["official"]).abs().max() / outputs["official"].abs().max()
     assert 0 < fp8_err < 0.1
