@@ -1,0 +1,147 @@
+"""Text-to-video, image-to-video and text-image-to-video generation, end to end.
+
+    request checks -> text embeddings -> seeded noise (+ image condition) -> sample -> VAE decode
+
+Follows the reference's wan/text2video.py, image2video.py and textimage2video.py. An empty
+negative prompt means the task's default (the Chinese one the models were trained with).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+
+import torch
+
+from wan_core.configs import TaskConfig
+from wan_core.pipeline.images import ImageInput, encode_image_condition, initial_noise
+from wan_core.pipeline.request import (Size, default_size, latent_frames, latent_shape, parse_size, resolve_task,
+                                       validate_request)
+
+if TYPE_CHECKING:
+    from wan_core.dit import WanDiT
+
+Experts = Union["WanDiT", Sequence["WanDiT"]]
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+class GenerationInterrupted(RuntimeError):
+    """Raised when the interrupt check asks generation to stop; nothing is returned."""
+
+
+def _expert_list(experts: Experts) -> list:
+    return list(experts) if isinstance(experts, Sequence) else [experts]
+
+
+def _check_experts(task: TaskConfig, experts: list) -> None:
+    wanted = 2 if task.is_moe else 1
+    if len(experts) != wanted:
+        what = "(high_noise_expert, low_noise_expert)" if task.is_moe else "one model"
+        raise ValueError(f"{task.name} needs {what}, got {len(experts)} model(s)")
+    for expert in experts:
+        model_type = getattr(getattr(expert, "config", None), "model_type", None)
+        if model_type != task.dit.model_type:
+            raise ValueError(f"{task.name} needs {task.dit.model_type} DiT experts, got a {model_type} model; "
+                             f"load the matching checkpoint")
+
+
+def encode_prompts(text_encoder, prompt: str, negative_prompt: str, device: torch.device, *,
+                   move_encoder: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(context, context_null), one [L, dim] embedding each, on `device`. With `move_encoder`
+    the encoder visits `device` for the encoding and returns to the CPU (offloading)."""
+    if move_encoder:
+        text_encoder.to(device)
+    try:
+        context = text_encoder.encode([prompt])
+        context_null = text_encoder.encode([negative_prompt])
+    finally:
+        if move_encoder:
+            text_encoder.to("cpu")
+    return [c.to(device) for c in context], [c.to(device) for c in context_null]
+
+
+def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encoder, prompt: str,
+             negative_prompt: Optional[str] = None, size: Union[str, Size, None] = None,
+             frame_num: Optional[int] = None, image: Optional[ImageInput] = None, steps: Optional[int] = None,
+             shift: Optional[float] = None, guide_scale=None, boundary: Optional[float] = None,
+             solver: str = "unipc", seed: int = 0, callback: Optional[StepCallback] = None,
+             interrupt: Optional[Callable[[], bool]] = None, device: Union[str, torch.device, None] = None,
+             offload_model: bool = False, t5_cpu: bool = False, allow_any_size: bool = False,
+             output: str = "video") -> torch.Tensor:
+    """Generate one video; returns [3, F, H, W] in [-1, 1] (or with output="latent" the final
+    latent [1, C, F', H', W'] before decoding).
+
+    task: "t2v-A14B", "i2v-A14B" or "ti2v-5B" (or a TaskConfig). experts: (high_noise,
+    low_noise) for the A14B tasks, one model for TI2V-5B. `size` (width, height) or "W*H",
+    `frame_num`, `steps`, `shift`, `guide_scale` ((low, high) or one number) and `boundary`
+    default to the task's reference values. `image`: required for i2v-A14B, optional for
+    ti2v-5B (see `load_image` for the accepted kinds). `seed`: the noise seed (same seed, same
+    video). `callback(step, total, latent)` runs after every step and may raise to stop;
+    `interrupt()` is checked before sampling and after every step and, when it returns True,
+    stops generation with `GenerationInterrupted`.
+    `device`: where sampling runs (default: the VAE's device). `offload_model`: keep the DiTs
+    (and, unless `t5_cpu`, the text encoder) on the CPU and move each to `device` only while it
+    runs. `t5_cpu`: the text encoder runs where it is (the CPU) and only its output moves.
+    """
+    from wan_core.sampling import sample
+
+    task = resolve_task(task)
+    size = parse_size(size if size is not None else default_size(task))
+    frame_num = task.frame_num if frame_num is None else frame_num
+    validate_request(task, size=size, frame_num=frame_num, image=image, steps=steps, shift=shift,
+                     guide_scale=guide_scale, boundary=boundary, solver=solver, allow_any_size=allow_any_size)
+    if output not in ("video", "latent"):
+        raise ValueError(f"output must be 'video' or 'latent', got {output!r}")
+    steps = task.sample_steps if steps is None else steps
+    shift = task.sample_shift if shift is None else shift
+    guide_scale = task.sample_guide_scale if guide_scale is None else guide_scale
+    boundary = task.boundary if boundary is None else boundary
+    negative_prompt = negative_prompt or task.negative_prompt
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    expert_list = _expert_list(experts)
+    _check_experts(task, expert_list)
+    device = torch.device(device) if device is not None else vae.device
+
+    def check_interrupt(where: str) -> None:
+        if interrupt is not None and interrupt():
+            raise GenerationInterrupted(f"generation interrupted {where}")
+
+    check_interrupt("before it started")
+    context, context_null = encode_prompts(text_encoder, prompt, negative_prompt, device,
+                                           move_encoder=offload_model and not t5_cpu)
+
+    y = first_frame_latent = None
+    if image is not None:
+        condition = encode_image_condition(task, vae, image, size, frame_num).to(device)
+        if task.dit.model_type == "i2v":
+            y = condition
+            shape = (1, task.latent_channels, *condition.shape[2:])
+        else:
+            first_frame_latent = condition
+            shape = (1, task.latent_channels, latent_frames(frame_num, task), *condition.shape[3:])
+    else:
+        shape = latent_shape(task, size, frame_num)
+    noise = initial_noise(shape, seed, device)
+
+    def on_step(step: int, total: int, latent: torch.Tensor) -> None:
+        if callback is not None:
+            callback(step, total, latent)
+        check_interrupt(f"after step {step} of {total}")
+
+    if offload_model and len(expert_list) == 1:
+        expert_list[0].to(device)  # one model: no hand-off, it stays on the device while sampling
+    elif not offload_model:
+        for expert in expert_list:
+            expert.to(device)
+    try:
+        latent = sample(expert_list[0] if len(expert_list) == 1 else tuple(expert_list), noise, context,
+                        context_null, steps=steps, shift=shift, guide_scale=guide_scale,
+                        boundary=boundary if task.is_moe else None, solver=solver, y=y, seed=seed,
+                        callback=on_step, first_frame_latent=first_frame_latent,
+                        offload_inactive_expert=offload_model and len(expert_list) == 2)
+    finally:
+        if offload_model:
+            for expert in expert_list:
+                expert.to("cpu")
+    if output == "latent":
+        return latent
+    return vae.decode(latent.to(device=vae.device, dtype=vae.dtype))[0]
