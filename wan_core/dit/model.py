@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wan_core.configs import DiTConfig
+from wan_core.dit.weights import WeightPatches, patch_key, patch_unit, set_unit_tensor, unit_tensors
 from wan_core.ops.attention import DEFAULT_BACKEND, attention, check_backend
 
 ROPE_THETA = 10000.0
@@ -189,6 +190,37 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
+        self._weight_patches: Optional[WeightPatches] = None
+        self._base_tensors: dict[str, torch.Tensor] = {}  # base values of the patched entries
+
+    def weight_units(self) -> list[tuple[str, nn.Module, str]]:
+        """(prefix, module, names to skip) of each unit weights are patched and moved by: every
+        transformer block, then everything outside the blocks."""
+        return [(f"blocks.{i}.", block, "") for i, block in enumerate(self.blocks)] + [("", self, "blocks.")]
+
+    @property
+    def weight_patches(self) -> Optional[WeightPatches]:
+        return self._weight_patches
+
+    def set_weight_patches(self, patches: Optional[WeightPatches]) -> None:
+        """Compute with base + `patches` from now on (None: the base alone).
+
+        The base tensors are never modified: each patched entry points at a new tensor and the
+        base one is kept to restore when the patches change. Setting patches with the same
+        `key` as the current ones does nothing."""
+        if patch_key(patches) == patch_key(self._weight_patches):
+            self._weight_patches = patches
+            return
+        for name, base in self._base_tensors.items():
+            set_unit_tensor(self, name, base.to(self.device))
+        self._base_tensors = {}
+        self._weight_patches = patches
+        for prefix, module, skip in self.weight_units():
+            tensors = unit_tensors(module, skip)
+            for name, value in patch_unit(patches, prefix, tensors).items():
+                if value is not tensors[name]:
+                    self._base_tensors[prefix + name] = tensors[name]
+                    set_unit_tensor(module, name, value)
 
     def compile_blocks(self, **options) -> None:
         """Compile each transformer block with torch.compile (regional compilation: the 40
