@@ -148,6 +148,7 @@ def int8_fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 # Launch settings of the attention kernel, from the same sweep as BLOCK_M / BLOCK_N.
 NUM_WARPS = 4
 NUM_STAGES = 3
+ADD_TO_FLOAT = False  # convert q·k to float with integer arithmetic (exact; a speed choice)
 
 
 @torch.library.custom_op("wan22::int8_fp8_attention", mutates_args=())
@@ -157,7 +158,7 @@ def int8_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     from wan_core.ops.kernels import int8_fp8_attention as kernels
 
     quantized = kernels.quantize(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N)
-    return kernels.attention(quantized, q.dtype, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return kernels.attention(quantized, q.dtype, num_warps=NUM_WARPS, num_stages=NUM_STAGES, add_to_float=ADD_TO_FLOAT)
 
 
 @int8_fp8_attention.register_fake
