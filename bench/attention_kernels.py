@@ -33,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_core.ops import int8_attention  # noqa: E402
 from wan_core.ops.linear import fp8_linear, fp8_linear_reference, quantize_fp8, quantize_rows_fp8  # noqa: E402
 
-# (block_m, block_n, num_warps, num_stages, add_to_float) of the int8_fp8_triton kernel to time
-TILINGS = ((128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 128, 8, 3, 0), (128, 64, 4, 3, 1),
-           (128, 128, 8, 2, 1))
+# (block_m, block_n, num_warps, num_stages, warp_specialize) of the int8_fp8_triton kernel to time
+TILINGS = ((128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 128, 8, 3, 0))
 HEADS, HEAD_DIM = 40, 128
 
 
@@ -69,13 +68,13 @@ def sdpa_with(backend):
     return run
 
 
-def triton_tiling(block_m: int, block_n: int, warps: int, stages: int, add_to_float: int):
+def triton_tiling(block_m: int, block_n: int, warps: int, stages: int, warp_specialize: int):
     """(the kernel with this tiling, a function timing its two passes apart)."""
     from wan_core.ops.kernels import int8_fp8_attention as kernels
 
     def run(q, k, v):
         quantized = kernels.quantize(q, k, v, block_m=block_m, block_n=block_n)
-        return kernels.attention(quantized, q.dtype, num_warps=warps, num_stages=stages, add_to_float=bool(add_to_float))
+        return kernels.attention(quantized, q.dtype, num_warps=warps, num_stages=stages, warp_specialize=bool(warp_specialize))
 
     def parts(q, k, v, repeats):
         quantized = kernels.quantize(q, k, v, block_m=block_m, block_n=block_n)
@@ -83,7 +82,7 @@ def triton_tiling(block_m: int, block_n: int, warps: int, stages: int, add_to_fl
                                              repeats),
                 "kernel_s": median_seconds(lambda: kernels.attention(quantized, q.dtype, num_warps=warps,
                                                                      num_stages=stages,
-                                                                     add_to_float=bool(add_to_float)), repeats)}
+                                                                     warp_specialize=bool(warp_specialize)), repeats)}
     return run, parts
 
 
@@ -154,18 +153,19 @@ def kitchen_int8():
     return run
 
 
-def attention_table(lengths, repeats: int, rows: list, on_row=None) -> list[dict]:
+def attention_table(lengths, repeats: int, rows: list, on_row=None, tilings=TILINGS, others: bool = True) -> list[dict]:
     """Time every back-end at each length, appending to `rows` (`on_row` after each, so that a
     back-end that crashes the process leaves the others' numbers behind)."""
     from torch.nn.attention import SDPBackend
 
     candidates = {"sdpa_cudnn": (lambda: sdpa_with(SDPBackend.CUDNN_ATTENTION), None),
                   "sdpa_flash": (lambda: sdpa_with(SDPBackend.FLASH_ATTENTION), None)}
-    for tiling in TILINGS:
+    for tiling in tilings:
         run, parts = triton_tiling(*tiling)
-        candidates["int8_fp8_triton %d/%d w%d s%d a%d" % tiling] = ((lambda run=run: run), parts)
-    candidates["cudnn_fp8 (frontend)"] = (cudnn_fp8_sdpa, None)
-    candidates["comfy_kitchen int8"] = (kitchen_int8, None)
+        candidates["int8_fp8_triton %d/%d w%d s%d ws%d" % tiling] = ((lambda run=run: run), parts)
+    if others:
+        candidates["cudnn_fp8 (frontend)"] = (cudnn_fp8_sdpa, None)
+        candidates["comfy_kitchen int8"] = (kitchen_int8, None)
     made = {}
     for length in lengths:
         generator = torch.Generator(device="cuda").manual_seed(length)
@@ -255,7 +255,7 @@ def linear_table(lengths, repeats: int) -> list[dict]:
 
 
 def best_tiling(rows) -> list[int] | None:
-    """The int8_fp8_triton tiling (block_m, block_n, warps, stages, add_to_float) with the least
+    """The int8_fp8_triton tiling (block_m, block_n, warps, stages, warp_specialize) with the least
     total time over the lengths timed."""
     if not isinstance(rows, list):
         return None
@@ -268,7 +268,7 @@ def best_tiling(rows) -> list[int] | None:
         return None
     name = min(complete, key=complete.get).split()[1:]
     block_m, block_n = name[0].split("/")
-    return [int(block_m), int(block_n), int(name[1][1:]), int(name[2][1:]), int(name[3][1:])]
+    return [int(block_m), int(block_n), int(name[1][1:]), int(name[2][1:]), int(name[3][2:])]
 
 
 def main() -> None:
@@ -276,7 +276,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32760, 75600])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--tilings", nargs="+", default=None, metavar="BM,BN,WARPS,STAGES,WS",
+                        help="time these int8_fp8_triton tilings instead of the default set")
+    parser.add_argument("--no-others", action="store_true", help="skip cudnn_fp8, comfy_kitchen and the linear table")
     args = parser.parse_args()
+    tilings = TILINGS if args.tilings is None else [tuple(int(x) for x in t.split(",")) for t in args.tilings]
     started = time.perf_counter()
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     def save():
@@ -285,8 +289,9 @@ def main() -> None:
 
     summary["attention"] = []
     for name, section in (("twin_check", twin_check),
-                          ("attention", lambda: attention_table(args.lengths, args.repeats, summary["attention"], save)),
-                          ("linear", lambda: linear_table(args.lengths, args.repeats))):
+                          ("attention", lambda: attention_table(args.lengths, args.repeats, summary["attention"], save,
+                                                                tilings, not args.no_others)),
+                          ("linear", lambda: [] if args.no_others else linear_table(args.lengths, args.repeats))):
         try:
             summary[name] = section()
         except Exception:  # noqa: BLE001 - keep the other sections' numbers

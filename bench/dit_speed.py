@@ -91,7 +91,7 @@ def parse_shape(text: str) -> tuple[str, int, int, int]:
     return variant, width, height, frames
 
 
-def bench_family(variant: str, shapes, args, device, rates) -> list[dict]:
+def bench_family(variant: str, shapes, args, device, rates, on_row=None) -> list[dict]:
     task = task_for_model_type(variant)
     config = task.dit if args.layers is None else task.dit.tiny(
         dim=task.dit.dim, ffn_dim=task.dit.ffn_dim, freq_dim=task.dit.freq_dim, text_dim=task.dit.text_dim,
@@ -111,6 +111,7 @@ def bench_family(variant: str, shapes, args, device, rates) -> list[dict]:
     fast_backend = resolve_backend("auto", device, torch.bfloat16)
     runs = {"diffusers": lambda x, t, c: theirs(x, t, c, return_dict=False)[0], "ours_eager": ours,
             "ours_compiled": compiled, "ours_fast_compiled": fast}
+    runs = {name: run for name, run in runs.items() if name in args.variants}
     rows = []
     for _, width, height, frames in shapes:
         if over_budget(args, f"{variant} {width}x{height}x{frames}"):
@@ -143,18 +144,30 @@ def bench_family(variant: str, shapes, args, device, rates) -> list[dict]:
                          "fraction_of_bf16_floor": flops / rates["bf16"] / median}
             print(json.dumps({"size": row["size"], name: row[name]}), flush=True)
         for name in runs:
-            row[name]["speedup_vs_diffusers"] = row["diffusers"]["median_s"] / row[name]["median_s"]
+            if "diffusers" in runs:
+                row[name]["speedup_vs_diffusers"] = row["diffusers"]["median_s"] / row[name]["median_s"]
             row[name]["vs_ours_eager_bf16"] = compare(outputs[name], outputs["ours_eager"])
-        row["ours_fast_compiled"]["fraction_of_fp8_floor"] = flops / rates["fp8"] / row["ours_fast_compiled"]["median_s"]
+            print(json.dumps({"size": row["size"], "variant": name, "vs_ours_eager_bf16": row[name]["vs_ours_eager_bf16"]}),
+                  flush=True)
+        if "ours_fast_compiled" in runs:
+            row["ours_fast_compiled"]["fraction_of_fp8_floor"] = (flops / rates["fp8"]
+                                                                  / row["ours_fast_compiled"]["median_s"])
         rows.append(row)
+        if on_row:
+            on_row(row)
         del outputs, x, context
         torch.cuda.empty_cache()
     if args.e2e and variant == "t2v" and not over_budget(args, "e2e"):
         rows.append(end_to_end(ours, fast, task, device))
+        if on_row:
+            on_row(rows[-1])
     del ours, theirs, compiled, fast, runs
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+VARIANTS = ("diffusers", "ours_eager", "ours_compiled", "ours_fast_compiled")
 
 
 def over_budget(args, what: str) -> bool:
@@ -201,6 +214,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["t2v:832x480x81", "t2v:1280x720x81", "ti2v:1280x704x121"])
     parser.add_argument("--layers", type=int, default=None, help="fewer blocks than the real model")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="which paths to time (ours_eager is always run: it is the reference)")
     parser.add_argument("--e2e", action="store_true", help="also the 4-step sampling comparison")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--tiling-from", type=Path, default=None,
@@ -208,6 +223,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip the shapes and the e2e run still to come once this many seconds have passed")
     args = parser.parse_args()
+    args.variants = [v for v in VARIANTS if v in args.variants or v == "ours_eager"]
     device = torch.device("cuda")
     if args.tiling_from and args.tiling_from.exists():
         from bench.attention_kernels import best_tiling
@@ -217,8 +233,8 @@ def main() -> None:
             from wan_core.ops import int8_attention
 
             (int8_attention.BLOCK_M, int8_attention.BLOCK_N, int8_attention.NUM_WARPS, int8_attention.NUM_STAGES,
-             add_to_float) = best
-            int8_attention.ADD_TO_FLOAT = bool(add_to_float)
+             warp_specialize) = best
+            int8_attention.WARP_SPECIALIZE = bool(warp_specialize)
     args.started = time.perf_counter()
     started = args.started
     rates = {"bf16": matmul_rate(device), "fp8": fp8_matmul_rate(device)}
@@ -226,14 +242,17 @@ def main() -> None:
 
     summary = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "int8_fp8_tiling": [int8_attention.BLOCK_M, int8_attention.BLOCK_N, int8_attention.NUM_WARPS,
-                                   int8_attention.NUM_STAGES, int8_attention.ADD_TO_FLOAT],
+                                   int8_attention.NUM_STAGES, int8_attention.WARP_SPECIALIZE],
                "bf16_matmul_tflops": rates["bf16"] / 1e12, "fp8_matmul_tflops": rates["fp8"] / 1e12, "rows": []}
     shapes = [parse_shape(s) for s in args.shapes]
-    for variant in dict.fromkeys(s[0] for s in shapes):
-        summary["rows"] += bench_family(variant, [s for s in shapes if s[0] == variant], args, device, rates)
+    def save(row):
+        summary["rows"].append(row)
         summary["elapsed_s"] = time.perf_counter() - started
         if args.json:
             args.json.write_text(json.dumps(summary, indent=1))
+
+    for variant in dict.fromkeys(s[0] for s in shapes):
+        bench_family(variant, [s for s in shapes if s[0] == variant], args, device, rates, save)
     print(f"\n{summary['device']}: bf16 {summary['bf16_matmul_tflops']:.0f}, fp8 {summary['fp8_matmul_tflops']:.0f} "
           f"TFLOP/s measured; {time.perf_counter() - started:.0f} s")
     for row in summary["rows"]:
@@ -242,9 +261,10 @@ def main() -> None:
                   f"decoded PSNR {row['video_psnr_db']:.1f} dB")
             continue
         print(f"  {row['variant']} {row['size']} ({row['tokens']} tokens, fast attention {row['fast_attention']}):")
-        for name in ("diffusers", "ours_eager", "ours_compiled", "ours_fast_compiled"):
+        for name in (v for v in VARIANTS if v in row):
             r = row[name]
-            print(f"    {name:19s} {r['median_s']:7.3f} s  x{r['speedup_vs_diffusers']:.3f}  {r['tflops']:5.0f} TFLOP/s "
+            print(f"    {name:19s} {r['median_s']:7.3f} s  x{r.get('speedup_vs_diffusers', float('nan')):.3f}  "
+                  f"{r['tflops']:5.0f} TFLOP/s "
                   f"({r['fraction_of_bf16_floor']:.1%} of bf16 floor)  peak +{r['activation_peak_gib']:.2f} GiB  "
                   f"cos {r['vs_ours_eager_bf16']['cosine']:.5f} rel {r['vs_ours_eager_bf16']['relative_l2']:.4f}")
 

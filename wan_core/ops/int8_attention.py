@@ -106,7 +106,7 @@ def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
     length = v.shape[1]
     v_fp8 = (v.float() / scale_v[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     v_fp8 = torch.nn.functional.pad(v_fp8.permute(0, 2, 3, 1).view(torch.uint8),
-                                    (0, padded(length, block_n) - length)).view(FP8)
+                                    (0, padded(length, block_n) - length)).view(FP8).contiguous()
     return QuantizedQKV(q_i8, q_scale, k_i8, k_scale, v_fp8, scale_v, q.shape[1], length, block_m, block_n)
 
 
@@ -148,7 +148,7 @@ def int8_fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 # Launch settings of the attention kernel, from the same sweep as BLOCK_M / BLOCK_N.
 NUM_WARPS = 4
 NUM_STAGES = 3
-ADD_TO_FLOAT = False  # convert q·k to float with integer arithmetic (exact; a speed choice)
+WARP_SPECIALIZE = False
 
 
 @torch.library.custom_op("wan22::int8_fp8_attention", mutates_args=())
@@ -158,7 +158,8 @@ def int8_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     from wan_core.ops.kernels import int8_fp8_attention as kernels
 
     quantized = kernels.quantize(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N)
-    return kernels.attention(quantized, q.dtype, num_warps=NUM_WARPS, num_stages=NUM_STAGES, add_to_float=ADD_TO_FLOAT)
+    return kernels.attention(quantized, q.dtype, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                             warp_specialize=WARP_SPECIALIZE)
 
 
 @int8_fp8_attention.register_fake

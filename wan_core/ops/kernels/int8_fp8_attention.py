@@ -89,17 +89,10 @@ def _quantize_v(v_ptr, scale_ptr, out_ptr, stride_b, stride_l, stride_h, heads, 
 
 @triton.jit
 def _attend_block(acc, row_sum, row_max, q, q_scale, k_desc, v_desc, k_scale_ptr, kv_row, v_row, start, k_len,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT_FP8_CAST: tl.constexpr,
-                  ADD_TO_FLOAT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EXACT_FP8_CAST: tl.constexpr):
     """Fold key block [start, start + BLOCK_N) into the running (acc, row_sum, row_max)."""
     k = k_desc.load([kv_row + start, 0])
-    qk = tl.dot(q, k.T, out_dtype=tl.int32)
-    if ADD_TO_FLOAT:
-        # |qk| <= 127^2 * 128 < 2^22: adding 1.5 * 2^23's bit pattern and subtracting it as a
-        # float converts exactly with two full-rate instructions instead of one quarter-rate one
-        qk = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    else:
-        qk = qk.to(tl.float32)
+    qk = tl.dot(q, k.T, out_dtype=tl.int32).to(tl.float32)
     scale = q_scale * tl.load(k_scale_ptr + start // BLOCK_N)
     if MASKED:
         keys = start + tl.arange(0, BLOCK_N)
@@ -118,7 +111,7 @@ def _attend_block(acc, row_sum, row_max, q, q_scale, k_desc, v_desc, k_scale_ptr
 def _attention(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
                stride_ob, stride_ol, stride_oh, heads, q_len, k_len, k_full, q_len_pad, k_len_pad,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               EXACT_FP8_CAST: tl.constexpr, ADD_TO_FLOAT: tl.constexpr):
+               EXACT_FP8_CAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     block = tl.program_id(0)
     bh = tl.program_id(1)
     q = q_desc.load([bh * q_len_pad + block * BLOCK_M, 0])
@@ -129,14 +122,12 @@ def _attention(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, ou
     row_max = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start in range(0, k_full, BLOCK_N):
+    for start in tl.range(0, k_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, row_sum, row_max = _attend_block(acc, row_sum, row_max, q, q_scale, k_desc, v_desc, k_scale_ptr,
-                                              kv_row, v_row, start, k_len, BLOCK_N, False, EXACT_FP8_CAST,
-                                              ADD_TO_FLOAT)
+                                              kv_row, v_row, start, k_len, BLOCK_N, False, EXACT_FP8_CAST)
     if k_full < k_len:  # the last, partly filled key block
         acc, row_sum, row_max = _attend_block(acc, row_sum, row_max, q, q_scale, k_desc, v_desc, k_scale_ptr,
-                                              kv_row, v_row, k_full, k_len, BLOCK_N, True, EXACT_FP8_CAST,
-                                              ADD_TO_FLOAT)
+                                              kv_row, v_row, k_full, k_len, BLOCK_N, True, EXACT_FP8_CAST)
     dims = tl.arange(0, HEAD_DIM)
     out = acc * (tl.load(v_scale_ptr + bh * HEAD_DIM + dims)[None, :] / 448.0) / row_sum[:, None]
     tokens = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,21 +167,19 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int,
 
 
 def attention(quantized: QuantizedQKV, out_dtype: torch.dtype, *, num_warps: int = 4, num_stages: int = 3,
-              add_to_float: bool = False) -> torch.Tensor:
+              warp_specialize: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v from the quantised inputs -> [B, L_q, H, D] in `out_dtype`
-    (twin: `int8_attention.attention_reference`). `add_to_float` converts q·k with integer
-    arithmetic (the same values, head_dim <= 256)."""
-    if add_to_float and quantized.q.shape[-1] > 256:
-        raise ValueError("add_to_float needs head_dim <= 256 (|q·k| < 2^22)")
+    (twin: `int8_attention.attention_reference`). `warp_specialize` asks Triton to split the
+    key loop into producer and consumer warps (a speed choice; the same numbers)."""
     qz = quantized
     batch, heads, q_len_pad, dim = qz.q.shape
     k_len_pad = qz.k.shape[2]
-    q_desc = TensorDescriptor.from_tensor(qz.q.view(-1, dim), [qz.block_m, dim])
-    k_desc = TensorDescriptor.from_tensor(qz.k.view(-1, dim), [qz.block_n, dim])
-    v_desc = TensorDescriptor.from_tensor(qz.v.view(-1, k_len_pad), [dim, qz.block_n])
+    q_desc = TensorDescriptor.from_tensor(qz.q.contiguous().view(-1, dim), [qz.block_m, dim])
+    k_desc = TensorDescriptor.from_tensor(qz.k.contiguous().view(-1, dim), [qz.block_n, dim])
+    v_desc = TensorDescriptor.from_tensor(qz.v.contiguous().view(-1, k_len_pad), [dim, qz.block_n])
     out = torch.empty(batch, qz.q_len, heads, dim, dtype=out_dtype, device=qz.q.device)
     _attention[(q_len_pad // qz.block_m, batch * heads)](
         q_desc, k_desc, v_desc, qz.q_scale, qz.k_scale, qz.v_scale, out, out.stride(0), out.stride(1), out.stride(2),
         heads, qz.q_len, qz.k_len, qz.k_len // qz.block_n * qz.block_n, q_len_pad, k_len_pad, HEAD_DIM=dim, BLOCK_M=qz.block_m, BLOCK_N=qz.block_n,
-        EXACT_FP8_CAST=EXACT_FP8_CAST, ADD_TO_FLOAT=add_to_float, num_warps=num_warps, num_stages=num_stages)
+        EXACT_FP8_CAST=EXACT_FP8_CAST, WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, num_stages=num_stages)
     return out
