@@ -13,7 +13,7 @@ import torch
 
 from wan_core.configs import DiTConfig, TaskConfig, task_for_model_type
 from wan_core.loading import QUANT_MODES, load_dit, detect_dit_config, convert_layout, read_state_dict, split_fp8
-from wan_core.ops.attention import available_backends
+from wan_core.ops.attention import auto_reason, available_backends, resolve_backend
 from wan_core.text import load_text_encoder
 from wan_core.vae import load_vae
 
@@ -118,12 +118,15 @@ class W22ModelLoader:
             "quantization": ([NO_QUANT, *QUANT_MODES], {
                 "default": NO_QUANT,
                 "tooltip": "Keep the transformer blocks' linear weights in fp8 (about half the memory "
-                           "of bf16); 'none' stores every weight in weight_dtype."}),
+                           "of bf16); 'none' stores every weight in weight_dtype. fp8_e4m3fn_fast also "
+                           "multiplies in fp8 on GPUs that can (RTX 40xx, H100 and later; first and last "
+                           "blocks stay exact): faster, slightly approximate."}),
             "attention": ([AUTO, *available_backends()], {
                 "default": AUTO,
-                "tooltip": "Attention kernel. auto: flash_attn on a GPU when installed, else sdpa "
-                           "(PyTorch's own; both exact). sageattention is faster and approximate "
-                           "(8-bit q/k); flash_attn and sageattention need their packages installed."}),
+                "tooltip": "Attention kernel. auto: the fastest one this GPU runs that passes a quick "
+                           "accuracy check against sdpa (on Hopper GPUs the package's 8-bit "
+                           "int8_fp8_triton kernel), else sdpa (PyTorch's own, exact). The loader shows "
+                           "which one runs. flash_attn and sageattention need their packages installed."}),
         }, "optional": {
             "compile_blocks": ("BOOLEAN", {
                 "default": False,
@@ -140,7 +143,7 @@ class W22ModelLoader:
                              f"{available_backends()} (or choose 'auto')")
         path = host.model_path("diffusion_models", model_name)
         quant = None if quantization == NO_QUANT else quantization
-        backend = _auto_attention() if attention == AUTO else attention
+        backend, shown = _attention_backend(attention, DTYPES[weight_dtype])
 
         def load() -> WanModel:
             module = load_dit(path, dtype=DTYPES[weight_dtype], device=host.offload_device("diffusion"),
@@ -152,7 +155,7 @@ class W22ModelLoader:
                             model_name)
 
         model = host.model_cache.get_or_load(("dit", str(path), weight_dtype, quantization, backend, compile_blocks), load)
-        return {"ui": {"text": [model.describe()]}, "result": (model,)}
+        return {"ui": {"text": [model.describe() + shown]}, "result": (model,)}
 
 
 class W22TextEncoderLoader:
@@ -256,10 +259,12 @@ def task_limits(task: TaskConfig, config: DiTConfig) -> dict:
     }
 
 
-def _auto_attention() -> str:
-    """An exact kernel: flash-attn where it runs (a CUDA device, package installed), else sdpa."""
-    on_gpu = host.compute_device("diffusion").type == "cuda"
-    return "flash_attn" if on_gpu and "flash_attn" in available_backends() else "sdpa"
+def _attention_backend(attention: str, dtype: torch.dtype) -> tuple[str, str]:
+    """(the back-end `attention` runs as on the diffusion device, what the loader adds to its
+    description: why, for auto)."""
+    device = host.compute_device("diffusion")
+    backend = resolve_backend(attention, device, dtype)
+    return backend, f" (auto: {auto_reason(device, dtype)})" if attention == AUTO else ""
 
 
 def _model_info(query: dict[str, str]) -> dict:

@@ -2,6 +2,7 @@
 back with PyAV, Ctrl-C, and clear errors for bad requests (issue 4, tests 6(e) and 6(f))."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -17,11 +18,13 @@ from wan_core.video import read_video
 TINY = ["--size", "64*32", "--frame_num", "5", "--sample_steps", "3", "--base_seed", "5", "--allow_any_size"]
 
 
-def test_generate_writes_an_mp4_with_the_requested_frames_and_size(tiny_folders, tmp_path):
+def test_generate_writes_an_mp4_with_the_requested_frames_and_size(tiny_folders, tmp_path, caplog):
     out = tmp_path / "fox.mp4"
+    caplog.set_level(logging.INFO, logger="wan_core")
     rc = main(["generate", "--task", "t2v-A14B", "--ckpt_dir", str(tiny_folders["t2v-A14B"]),
                "--prompt", "a fox in the snow", "--save_file", str(out), *TINY])
     assert rc == 0
+    assert "attention: sdpa (auto: sdpa is the only back-end on cpu)" in caplog.text  # the back-end that runs
     frames, fps = read_video(out)
     assert frames.shape == (5, 32, 64, 3) and fps == 16
     assert frames.std() > 0  # decoded pictures, not an empty stream

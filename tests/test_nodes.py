@@ -197,6 +197,7 @@ def test_t2v_with_two_experts_matches_the_library_and_decodes_to_image_frames(mo
     high, shown = _load("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", quantization="fp8_e4m3fn")
     low, _ = _load("wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", quantization="fp8_e4m3fn")
     assert high.task.name == "t2v-A14B" and shown.startswith("t2v-A14B: t2v DiT")
+    assert shown.endswith("attention sdpa (auto: sdpa is the only back-end on cpu)")  # which back-end runs
     encoder, vae = _encoder(), _vae("wan_2.1_vae.safetensors")
     prompt = "a red fox in the snow"
     (conditioning,) = samplers.W22TextEncode().encode(encoder, prompt, "")  # empty: the default negative

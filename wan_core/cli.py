@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from wan_core.configs import TASKS
+from wan_core.ops.attention import AUTO, auto_reason, available_backends, resolve_backend
 from wan_core.pipeline import (GenerationInterrupted, default_size, format_size, load_task_models, parse_size,
                                resolve_task, validate_request)
 from wan_core.sampling.schedule import SOLVERS
@@ -33,7 +34,7 @@ from wan_core.sampling.schedule import SOLVERS
 log = logging.getLogger("wan_core")
 
 GENERATE_TASKS = tuple(name for name, task in TASKS.items() if task.dit.model_type in ("t2v", "i2v", "ti2v"))
-QUANT_CHOICES = ("fp8_e4m3fn", "fp8_e5m2")
+QUANT_CHOICES = ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
 
 def _str2bool(value: str) -> bool:
@@ -99,7 +100,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "prompt and time).")
     parser.add_argument("--device", default=None, help="Where sampling runs (default: cuda if available, else cpu).")
     parser.add_argument("--quant", default=None, choices=QUANT_CHOICES,
-                        help="Keep the DiT block weights in fp8 (per-tensor scale, bf16/fp32 compute).")
+                        help="Keep the DiT block weights in fp8 (per-tensor scale, bf16/fp32 compute); "
+                             "fp8_e4m3fn_fast also multiplies in fp8 on GPUs that can (compute capability >= 8.9).")
+    parser.add_argument("--attention", default=AUTO, choices=(AUTO, *available_backends()),
+                        help="Attention back-end: auto (the fastest one here that passes an accuracy probe, else "
+                             "sdpa) or one by name; sdpa is exact.")
     parser.add_argument("--allow_any_size", action="store_true",
                         help="Accept sizes the models were not trained at (multiples of VAE stride x patch).")
 
@@ -177,6 +182,11 @@ def run_generate(args: argparse.Namespace) -> Path:
              str(dtype).removeprefix("torch."), device, offload, args.t5_cpu)
     models = load_task_models(task, args.ckpt_dir, dtype=dtype, device=device, t5_cpu=args.t5_cpu,
                               offload_model=offload, quant=args.quant)
+    for expert in models.experts if isinstance(models.experts, tuple) else (models.experts,):
+        expert.set_attention_backend(args.attention)
+    backend = resolve_backend(args.attention, device, dtype)
+    log.info("attention: %s%s", backend,
+             f" (auto: {auto_reason(device, dtype)})" if args.attention == AUTO else "")
     if args.compile:
         models.compile_blocks()
     log.info("generating %d frames at %s, %d steps, seed %d", frame_num, format_size(size), steps, seed)

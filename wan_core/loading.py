@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from wan_core.configs import TASKS, DiTConfig
-from wan_core.ops.linear import FP8_DTYPES, convert_linears_to_fp8, fp8_to_dtype, quantize_fp8
+from wan_core.ops.linear import FP8_DTYPES, convert_linears_to_fp8, enable_fp8_matmul, fp8_to_dtype, quantize_fp8
 
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
@@ -400,7 +400,9 @@ FP8_MARKER = "scaled_fp8"
 COMFY_QUANT_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 _INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
-QUANT_MODES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+QUANT_MODES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# Modes whose DiT blocks also multiply in fp8 where the GPU can (`ops.linear.enable_fp8_matmul`).
+FP8_MATMUL_QUANTS = ("fp8_e4m3fn_fast",)
 
 
 def split_fp8(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
@@ -551,7 +553,10 @@ def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Uni
     `quant`: None, or "fp8_e4m3fn"/"fp8_e5m2" to keep the Linear weights of the transformer
     blocks in fp8 with one scale each (`wan_core.ops.linear.FP8Linear`, upcast per matmul to
     the activations' dtype); fp8 checkpoints keep their stored weights, others are quantized
-    per tensor. Tensors that already have the target dtype on the CPU stay memory-mapped.
+    per tensor. "fp8_e4m3fn_fast" stores the same e4m3 weights and multiplies them in fp8 with
+    per-token activation scales on GPUs that can (compute capability >= 8.9), except in the
+    first and last blocks (`ops.linear.enable_fp8_matmul`); elsewhere it computes like
+    "fp8_e4m3fn". Tensors that already have the target dtype on the CPU stay memory-mapped.
     """
     from wan_core.dit import WanDiT
 
@@ -598,6 +603,8 @@ def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Uni
             value = plain[key]
             tensors[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
     model.load_state_dict(tensors, strict=True, assign=True)
+    if quant in FP8_MATMUL_QUANTS:
+        enable_fp8_matmul(model.blocks)
     return model.eval().requires_grad_(False)
 
 

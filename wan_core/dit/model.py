@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from wan_core.configs import DiTConfig
 from wan_core.dit.weights import WeightPatches, patch_key, patch_unit, set_unit_tensor, unit_tensors
-from wan_core.ops.attention import DEFAULT_BACKEND, attention, check_backend
+from wan_core.ops.attention import AUTO, attention, check_backend, resolve_backend
 
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 1024  # the reference's table length per axis
@@ -180,7 +180,7 @@ class WanDiT(nn.Module):
         if config.dim % config.num_heads or config.head_dim % 2:
             raise ValueError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
         self.config = config
-        self.attention_backend = DEFAULT_BACKEND
+        self.attention_backend = AUTO
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size,
                                          stride=config.patch_size)
@@ -231,7 +231,8 @@ class WanDiT(nn.Module):
             block.compile(**options)
 
     def set_attention_backend(self, name: str) -> None:
-        """Use attention backend `name` ("sdpa", "flash_attn", "sageattention") from now on."""
+        """Use attention backend `name` ("auto", "sdpa", "flash_attn", "sageattention",
+        "int8_fp8_triton") from now on; "auto" is resolved per device (`resolve_backend`)."""
         self.attention_backend = check_backend(name)
 
     @property
@@ -268,8 +269,9 @@ class WanDiT(nn.Module):
         context = self._embed_text(context, batch)
         angles = rope_angles(grid, config.head_dim, x.device)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
+        backend = resolve_backend(self.attention_backend, x.device, self.dtype)  # outside compiled blocks
         for block in self.blocks:
-            tokens = block(tokens, time_mod, context, rope, self.attention_backend)
+            tokens = block(tokens, time_mod, context, rope, backend)
         return self._unpatchify(self.head(tokens, time_emb), grid)
 
     def _check_input(self, x: torch.Tensor) -> None:

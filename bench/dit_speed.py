@@ -1,0 +1,273 @@
+"""Full-size DiT forward speed of every path, in one GPU process, against diffusers on the same weights.
+
+For each shape: diffusers' WanTransformer3DModel (bf16, eager), ours bf16 eager, ours bf16 with
+compile_blocks(), and ours fast: the same weights loaded through `load_dit(...,
+quant="fp8_e4m3fn_fast")` (e4m3 block weights, fp8 matmuls except in the first and last block)
+with attention="auto" (the 8-bit kernel where it passes its probe), compiled. Each gets its
+median seconds per forward, the ratio to diffusers, TFLOP/s against the bf16 and the fp8 matrix
+rates measured in this run, the activation peak above the weights, and (fast path) the output's
+cosine and relative L2 against ours bf16 eager. Then, with --e2e, a 4-step sampling run of the
+fast path and of bf16 from the same noise, both decoded by a random-weight Wan2.1 VAE: the
+latents' relative L2 and the decoded videos' PSNR.
+
+    python bench/dit_speed.py [--shapes t2v:832x480x81 t2v:1280x720x81 ti2v:1280x704x121]
+        [--repeats 2] [--e2e] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.dit_vs_diffusers import forward_flops, matmul_rate, timed  # noqa: E402
+from wan_core.configs import task_for_model_type  # noqa: E402
+from wan_core.dit import WanDiT  # noqa: E402
+from wan_core.loading import load_dit, to_layout  # noqa: E402
+from wan_core.ops.attention import auto_reason, resolve_backend  # noqa: E402
+
+
+def fp8_matmul_rate(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
+    """Measured e4m3 x e4m3 -> bf16 matrix-product rate (row-wise scales) in FLOP/s."""
+    a = torch.randn(size, size, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device=device).to(torch.float8_e4m3fn).t()
+    ones_a, ones_b = torch.ones(size, 1, device=device), torch.ones(1, size, device=device)
+    run = lambda: torch._scaled_mm(a, b, scale_a=ones_a, scale_b=ones_b, out_dtype=torch.bfloat16)  # noqa: E731
+    median, _ = timed(run, 3)
+    median, _ = timed(run, repeats)
+    return 2 * size ** 3 / median
+
+
+def random_model(config, device) -> WanDiT:
+    """Ours with the same random bf16 weights as bench/dit_vs_diffusers.py."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = WanDiT(config).to(torch.bfloat16)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim >= 2:
+                p.normal_(0, 1 / math.sqrt(p[0].numel()))
+            elif ".norm" in name:
+                p.normal_(1, 0.1)
+            else:
+                p.normal_(0, 0.1)
+    return model.eval().requires_grad_(False)
+
+
+def diffusers_twin(ours: WanDiT, device):
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    config = ours.config
+    with torch.device("meta"):
+        theirs = WanTransformer3DModel(
+            patch_size=config.patch_size, num_attention_heads=config.num_heads, attention_head_dim=config.head_dim,
+            in_channels=config.in_dim, out_channels=config.out_dim, text_dim=config.text_dim,
+            freq_dim=config.freq_dim, ffn_dim=config.ffn_dim, num_layers=config.num_layers,
+            cross_attn_norm=config.cross_attn_norm, qk_norm="rms_norm_across_heads", eps=config.eps)
+    theirs.load_state_dict(to_layout(ours.state_dict(), "dit", ["diffusers"]), strict=True, assign=True)
+    theirs.rope = WanRotaryPosEmbed(config.head_dim, config.patch_size, 1024).to(device)
+    return theirs.eval().requires_grad_(False)
+
+
+def compare(out: torch.Tensor, reference: torch.Tensor) -> dict:
+    out, reference = out.float().flatten(), reference.float().flatten()
+    return {"cosine": F.cosine_similarity(out, reference, dim=0).item(),
+            "relative_l2": ((out - reference).norm() / reference.norm()).item()}
+
+
+def parse_shape(text: str) -> tuple[str, int, int, int]:
+    variant, size = text.split(":")
+    width, height, frames = (int(x) for x in size.split("x"))
+    return variant, width, height, frames
+
+
+def bench_family(variant: str, shapes, args, device, rates, on_row=None) -> list[dict]:
+    task = task_for_model_type(variant)
+    config = task.dit if args.layers is None else task.dit.tiny(
+        dim=task.dit.dim, ffn_dim=task.dit.ffn_dim, freq_dim=task.dit.freq_dim, text_dim=task.dit.text_dim,
+        num_heads=task.dit.num_heads, num_layers=args.layers)
+    ours = random_model(config, device)
+    ours.set_attention_backend("sdpa")
+    weights_gib = torch.cuda.memory_allocated(device) / 2**30
+    theirs = diffusers_twin(ours, device)
+    with torch.device("meta"):
+        compiled = WanDiT(config)
+    compiled.load_state_dict(ours.state_dict(), assign=True)
+    compiled.eval().set_attention_backend("sdpa")
+    compiled.compile_blocks()
+    fast = load_dit(ours.state_dict(), dtype=torch.bfloat16, device=device, quant="fp8_e4m3fn_fast")
+    fast.set_attention_backend("auto")
+    fast.compile_blocks()
+    fast_backend = resolve_backend("auto", device, torch.bfloat16)
+    runs = {"diffusers": lambda x, t, c: theirs(x, t, c, return_dict=False)[0], "ours_eager": ours,
+            "ours_compiled": compiled, "ours_fast_compiled": fast}
+    runs = {name: run for name, run in runs.items() if name in args.variants}
+    rows = []
+    for _, width, height, frames in shapes:
+        if over_budget(args, f"{variant} {width}x{height}x{frames}"):
+            continue
+        stride = task.vae_stride
+        latent = ((frames - 1) // stride[0] + 1, height // stride[1], width // stride[2])
+        tokens = math.prod(s // p for s, p in zip(latent, config.patch_size))
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(1, config.in_dim, *latent, device=device, dtype=torch.bfloat16, generator=generator)
+        t = torch.tensor([900.0], device=device)
+        context = torch.randn(1, config.text_len, config.text_dim, device=device, dtype=torch.bfloat16,
+                              generator=generator)
+        flops = forward_flops(config, tokens, config.text_len)
+        row = {"variant": variant, "size": f"{width}x{height}x{frames}", "latent": latent, "tokens": tokens,
+               "layers": config.num_layers, "forward_tflop": flops / 1e12, "weights_gib": weights_gib,
+               "fast_attention": fast_backend, "fast_attention_reason": auto_reason(device, torch.bfloat16)}
+        outputs = {}
+        for name, model in runs.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                outputs[name] = model(x, t, context).float()  # warm-up: compiles, plans
+                warm_s = time.perf_counter() - start
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                median, times = timed(lambda: model(x, t, context), args.repeats)
+                peak = torch.cuda.max_memory_allocated(device) - base
+            row[name] = {"median_s": median, "times_s": times, "first_call_s": warm_s,
+                         "activation_peak_gib": peak / 2**30, "tflops": flops / median / 1e12,
+                         "fraction_of_bf16_floor": flops / rates["bf16"] / median}
+            print(json.dumps({"size": row["size"], name: row[name]}), flush=True)
+        for name in runs:
+            if "diffusers" in runs:
+                row[name]["speedup_vs_diffusers"] = row["diffusers"]["median_s"] / row[name]["median_s"]
+            row[name]["vs_ours_eager_bf16"] = compare(outputs[name], outputs["ours_eager"])
+            print(json.dumps({"size": row["size"], "variant": name, "vs_ours_eager_bf16": row[name]["vs_ours_eager_bf16"]}),
+                  flush=True)
+        if "ours_fast_compiled" in runs:
+            row["ours_fast_compiled"]["fraction_of_fp8_floor"] = (flops / rates["fp8"]
+                                                                  / row["ours_fast_compiled"]["median_s"])
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        del outputs, x, context
+        torch.cuda.empty_cache()
+    if args.e2e and variant == "t2v" and not over_budget(args, "e2e"):
+        rows.append(end_to_end(ours, fast, task, device))
+        if on_row:
+            on_row(rows[-1])
+    del ours, theirs, compiled, fast, runs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+VARIANTS = ("diffusers", "ours_eager", "ours_compiled", "ours_fast_compiled")
+
+
+def over_budget(args, what: str) -> bool:
+    if args.budget_s is not None and time.perf_counter() - args.started > args.budget_s:
+        print(json.dumps({"skipped": what, "reason": f"over the {args.budget_s:.0f} s budget"}), flush=True)
+        return True
+    return False
+
+
+def end_to_end(exact: WanDiT, fast: WanDiT, task, device, size=(832, 480), frames: int = 33) -> dict:
+    """4 UniPC steps with CFG from the same noise through the bf16 and the fast model, decoded by
+    one random-weight Wan2.1 VAE: latent relative L2 and decoded-video PSNR (video in [-1, 1])."""
+    from wan_core.sampling import sample
+    from wan_core.testing.vae import vae_state_dict
+    from wan_core.vae import WAN21_VAE, load_vae
+
+    latent_shape = (task.dit.out_dim, (frames - 1) // task.vae_stride[0] + 1, size[1] // task.vae_stride[1],
+                    size[0] // task.vae_stride[2])
+    noise = torch.randn(1, *latent_shape, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    generator = torch.Generator(device=device).manual_seed(1)
+    context = [torch.randn(77, 4096, device=device, dtype=torch.bfloat16, generator=generator)]
+    context_null = [torch.randn(64, 4096, device=device, dtype=torch.bfloat16, generator=generator)]
+    latents = {}
+    for name, model in (("bf16", exact), ("fast", fast)):
+        start = time.perf_counter()
+        with torch.no_grad():
+            latents[name] = sample(model, noise, context, context_null, steps=4, shift=task.sample_shift,
+                                   guide_scale=4.0, seed=0).float()
+        torch.cuda.synchronize()
+        print(json.dumps({"e2e": name, "sample_s": time.perf_counter() - start}), flush=True)
+    vae = load_vae(vae_state_dict(WAN21_VAE, device=device), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        videos = {name: vae.decode(latent).float().clamp(-1, 1) for name, latent in latents.items()}
+    mse = (videos["fast"] - videos["bf16"]).pow(2).mean().item()
+    result = {"e2e": f"t2v 4 steps {size[0]}x{size[1]}x{frames}",
+              "latent": compare(latents["fast"], latents["bf16"]),
+              "video_psnr_db": 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["t2v:832x480x81", "t2v:1280x720x81", "ti2v:1280x704x121"])
+    parser.add_argument("--layers", type=int, default=None, help="fewer blocks than the real model")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="which paths to time (ours_eager is always run: it is the reference)")
+    parser.add_argument("--e2e", action="store_true", help="also the 4-step sampling comparison")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--tiling-from", type=Path, default=None,
+                        help="a bench/attention_kernels.py JSON: use its fastest int8_fp8_triton tiling")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip the shapes and the e2e run still to come once this many seconds have passed")
+    args = parser.parse_args()
+    args.variants = [v for v in VARIANTS if v in args.variants or v == "ours_eager"]
+    device = torch.device("cuda")
+    if args.tiling_from and args.tiling_from.exists():
+        from bench.attention_kernels import best_tiling
+
+        best = best_tiling(json.loads(args.tiling_from.read_text()).get("attention"))
+        if best:
+            from wan_core.ops import int8_attention
+
+            (int8_attention.BLOCK_M, int8_attention.BLOCK_N, int8_attention.NUM_WARPS, int8_attention.NUM_STAGES,
+             warp_specialize) = best
+            int8_attention.WARP_SPECIALIZE = bool(warp_specialize)
+    args.started = time.perf_counter()
+    started = args.started
+    rates = {"bf16": matmul_rate(device), "fp8": fp8_matmul_rate(device)}
+    from wan_core.ops import int8_attention
+
+    summary = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+               "int8_fp8_tiling": [int8_attention.BLOCK_M, int8_attention.BLOCK_N, int8_attention.NUM_WARPS,
+                                   int8_attention.NUM_STAGES, int8_attention.WARP_SPECIALIZE],
+               "bf16_matmul_tflops": rates["bf16"] / 1e12, "fp8_matmul_tflops": rates["fp8"] / 1e12, "rows": []}
+    shapes = [parse_shape(s) for s in args.shapes]
+    def save(row):
+        summary["rows"].append(row)
+        summary["elapsed_s"] = time.perf_counter() - started
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=1))
+
+    for variant in dict.fromkeys(s[0] for s in shapes):
+        bench_family(variant, [s for s in shapes if s[0] == variant], args, device, rates, save)
+    print(f"\n{summary['device']}: bf16 {summary['bf16_matmul_tflops']:.0f}, fp8 {summary['fp8_matmul_tflops']:.0f} "
+          f"TFLOP/s measured; {time.perf_counter() - started:.0f} s")
+    for row in summary["rows"]:
+        if "e2e" in row:
+            print(f"  e2e {row['e2e']}: latent cos {row['latent']['cosine']:.5f} rel {row['latent']['relative_l2']:.4f}, "
+                  f"decoded PSNR {row['video_psnr_db']:.1f} dB")
+            continue
+        print(f"  {row['variant']} {row['size']} ({row['tokens']} tokens, fast attention {row['fast_attention']}):")
+        for name in (v for v in VARIANTS if v in row):
+            r = row[name]
+            print(f"    {name:19s} {r['median_s']:7.3f} s  x{r.get('speedup_vs_diffusers', float('nan')):.3f}  "
+                  f"{r['tflops']:5.0f} TFLOP/s "
+                  f"({r['fraction_of_bf16_floor']:.1%} of bf16 floor)  peak +{r['activation_peak_gib']:.2f} GiB  "
+                  f"cos {r['vs_ours_eager_bf16']['cosine']:.5f} rel {r['vs_ours_eager_bf16']['relative_l2']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
