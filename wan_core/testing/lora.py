@@ -99,6 +99,14 @@ def lightx2v_extras(config: DiTConfig, *, seed: int = 0, applied_by_diffusers: b
     return out
 
 
+def lightx2v_lora(config: DiTConfig, *, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A LoRA like LightX2V's distilled files, in official names: a low-rank pair for every block
+    linear but one (which gets a full .diff instead) and all of `lightx2v_extras`."""
+    paired = [f"blocks.{i}.{m}" for i in range(config.num_layers) for m in BLOCK_LINEARS if (i, m) != (0, "cross_attn.o")]
+    return {**random_lora(config, rank=rank, alpha=alpha, seed=seed, modules=paired),
+            **lightx2v_extras(config, seed=seed + 1)}
+
+
 def lora_in_format(lora: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """An official-names LoRA under `fmt`'s key names: (tensors, safetensors header metadata).
     The diffusers format moves the alphas into PEFT's header entry (lora_alpha, alpha_pattern)."""
