@@ -191,6 +191,9 @@ def test_base_weights_never_change_and_no_lora_gives_the_exact_base_outputs(conf
     path_b = write_lora(tmp_path / "b.safetensors", lightx2v_lora(config, seed=13), "comfy")
     view_a, view_b = with_loras(model, [(path_a, 1.0)]), with_loras(model, [(path_b, 0.5)])
     plain = with_loras(model, [])
+    # a view reads as its base everywhere but in what it computes
+    assert (view_a.config, view_a.dtype, view_a.device, view_a.attention_backend) == \
+        (model.config, model.dtype, model.device, model.attention_backend)
     with torch.no_grad():
         out_a = view_a(*inputs)
         out_b = view_b(*inputs)  # two views of one base: each computes with its own LoRA

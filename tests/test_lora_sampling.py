@@ -88,3 +88,16 @@ def test_bad_step_splits_are_clear_errors(options, message):
     with pytest.raises(ValueError, match="splits the steps between two experts .* but one model was given"):
         sample(RecordingExpert("only", 1.0, []), torch.zeros(1, 16, 1, 2, 2), text(1.0), None, steps=4, shift=5.0,
                guide_scale=1.0, high_noise_steps=2)
+
+
+def test_graph_editor_hand_off_line_follows_the_step_split():
+    """web/schedule.js's handoff() with split = steps gives the number of steps the sampler
+    really runs on the high-noise expert (refining included)."""
+    test_nodes_web = _sibling("test_nodes_web")
+    cases = [dict(steps=n, shift=5.0, boundary=0.875, highNoiseSteps=k, denoise=d)
+             for n in (1, 4, 7) for k in (0, 1, 2, n) if k <= n for d in (1.0, 0.5)]
+    plans = test_nodes_web.run_schedule_js(cases)["plans"]
+    for case, plan in zip(cases, plans):
+        options = dict(denoise=case["denoise"], latent_image=torch.zeros(1, 16, 1, 2, 2)) if case["denoise"] < 1 else {}
+        log = run_two_experts(case["steps"], guide_scale=1.0, high_noise_steps=case["highNoiseSteps"], **options)
+        assert plan["highSteps"] == len(calls(log, "high")) == case["highNoiseSteps"], case
