@@ -138,7 +138,10 @@ def load_lora(source: LoraSource) -> Lora:
     _refuse_other_adapters(raw, name)
     if metadata.get(PEFT_METADATA_KEY):
         raw = _with_peft_alphas(raw, metadata[PEFT_METADATA_KEY], name)
-    state_dict, layouts = convert_layout(raw, "lora")
+    try:
+        state_dict, layouts = convert_layout(raw, "lora")
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     roles = {key: _split_role(key) for key in state_dict}
     if not any(roles.values()):
         _refuse_non_lora(list(raw), name)
