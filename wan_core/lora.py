@@ -114,7 +114,8 @@ class Lora:
     def describe(self) -> str:
         ranks = sorted({d.rank for d in self.deltas.values() if d.rank is not None})
         full = sum(d.full is not None for d in self.deltas.values())
-        rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}" if ranks else "no low-rank pairs"
+        rank = (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}" if ranks
+                else "no low-rank pairs")
         return (f"{Path(self.name).name}: {self.format} LoRA, {len(self.deltas)} parameters changed "
                 f"({rank}, {full} full differences)")
 
@@ -313,7 +314,8 @@ def fit_lora(lora: Lora, model: torch.nn.Module, *, strict: bool = True, model_n
     """
     shapes = _model_shapes(model)
     config = model.config
-    wrong_blocks = [t for t, d in lora.deltas.items() if t in shapes and t.startswith("blocks.") and not d.fits(shapes[t])]
+    wrong_blocks = [t for t, d in lora.deltas.items()
+                    if t in shapes and t.startswith("blocks.") and not d.fits(shapes[t])]
     if wrong_blocks:
         target = wrong_blocks[0]
         width = _lora_width(lora)
@@ -375,7 +377,10 @@ class LoraPatches:
             fp8 = base.dtype in FP8_DTYPES
             if fp8 and scale_name not in tensors:
                 raise KeyError(f"{prefix}{name} is stored in fp8 without its weight_scale")
-            merged = fp8_to_dtype(base, tensors[scale_name], torch.float32) if fp8 else base.to(torch.float32, copy=True)
+            if fp8:
+                merged = fp8_to_dtype(base, tensors[scale_name], torch.float32)
+            else:
+                merged = base.to(torch.float32, copy=True)
             for delta, strength in changes:
                 merged.add_(delta.value(base.shape, base.device), alpha=strength)
             if fp8:

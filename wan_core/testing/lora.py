@@ -27,7 +27,8 @@ LORA_FORMATS = {
     "kohya_fun": (("kohya", "kohya_fun"), ("lora_down", "lora_up")),
     "diffusers": (("diffusers",), ("lora_A", "lora_B")),
 }
-BLOCK_LINEARS = tuple(f"{attention}.{p}" for attention in ("self_attn", "cross_attn") for p in "qkvo") + ("ffn.0", "ffn.2")
+BLOCK_LINEARS = (*(f"{attention}.{p}" for attention in ("self_attn", "cross_attn") for p in "qkvo"),
+                 "ffn.0", "ffn.2")
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 
 
@@ -80,7 +81,8 @@ def lightx2v_extras(config: DiTConfig, *, seed: int = 0, applied_by_diffusers: b
             for m in BLOCK_LINEARS:
                 if (i, m) != (0, "cross_attn.o"):
                     out[f"blocks.{i}.{m}.diff_b"] = noise(shapes[f"blocks.{i}.{m}.bias"])
-        embeddings = ["text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1"]
+        embeddings = ["text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
+                      "time_projection.1"]
         out.update(random_lora(config, rank=2, seed=seed + 1, modules=embeddings))
         for module in embeddings:
             out[f"{module}.diff_b"] = noise(shapes[f"{module}.bias"])
@@ -102,7 +104,8 @@ def lightx2v_extras(config: DiTConfig, *, seed: int = 0, applied_by_diffusers: b
 def lightx2v_lora(config: DiTConfig, *, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> dict[str, torch.Tensor]:
     """A LoRA like LightX2V's distilled files, in official names: a low-rank pair for every block
     linear but one (which gets a full .diff instead) and all of `lightx2v_extras`."""
-    paired = [f"blocks.{i}.{m}" for i in range(config.num_layers) for m in BLOCK_LINEARS if (i, m) != (0, "cross_attn.o")]
+    paired = [f"blocks.{i}.{m}" for i in range(config.num_layers) for m in BLOCK_LINEARS
+              if (i, m) != (0, "cross_attn.o")]
     return {**random_lora(config, rank=rank, alpha=alpha, seed=seed, modules=paired),
             **lightx2v_extras(config, seed=seed + 1)}
 
