@@ -41,7 +41,7 @@ IN_COMFYUI = folder_paths is not None
 MODELS_DIR_ENV = "WAN22_MODELS_DIR"
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt")
 # The model folders the pack reads, named as ComfyUI names them.
-MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "audio_encoders")
+MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "audio_encoders", "loras")
 # What a model is used for decides where ComfyUI puts it (it may keep text encoders on the CPU).
 ROLES = ("diffusion", "text", "vae")
 

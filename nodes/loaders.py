@@ -13,6 +13,7 @@ import torch
 
 from wan_core.configs import DiTConfig, TaskConfig, task_for_model_type
 from wan_core.loading import QUANT_MODES, load_dit, detect_dit_config, convert_layout, read_state_dict, split_fp8
+from wan_core.lora import Lora, LoraModel, with_loras
 from wan_core.ops.attention import auto_reason, available_backends, resolve_backend
 from wan_core.text import load_text_encoder
 from wan_core.vae import load_vae
@@ -30,15 +31,21 @@ PROMPT_CACHE_SIZE = 32
 
 @dataclass(eq=False)
 class WanModel:
-    """A loaded Wan DiT (WANMODEL): its weights, what it is, and the file it came from."""
+    """A loaded Wan DiT (WANMODEL): its weights, what it is, and the file it came from; with the
+    LoRAs Wan2.2 LoRA nodes applied to this handle (the loaded weights stay the file's)."""
 
     hosted: host.HostedModel
     task: TaskConfig
     name: str
+    loras: tuple[tuple[Lora, float], ...] = ()
 
     @property
     def module(self) -> torch.nn.Module:
         return self.hosted.module
+
+    def runnable(self) -> LoraModel:
+        """What the sampler calls: the weights plus this handle's LoRAs (none: the file's alone)."""
+        return with_loras(self.module, self.loras, model_name=self.name)
 
     @property
     def config(self) -> DiTConfig:
@@ -49,7 +56,8 @@ class WanModel:
         billions = sum(p.numel() for p in self.module.parameters()) / 1e9
         return (f"{self.task.name}: {c.model_type} DiT, {c.num_layers} layers, dim {c.dim}, "
                 f"in {c.in_dim} / out {c.out_dim} channels, {billions:.2f}B parameters, "
-                f"attention {self.module.attention_backend}")
+                f"attention {self.module.attention_backend}"
+                + "".join(f"\nLoRA {lora.describe()}, strength {strength:g}" for lora, strength in self.loras))
 
 
 @dataclass(eq=False)

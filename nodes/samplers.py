@@ -25,6 +25,7 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_SIZE = 4096
 MAX_LENGTH = 1025
 SAMPLED_TYPES = ("t2v", "i2v", "ti2v")
+SPLITS = ("boundary", "steps")
 
 
 class W22TextEncode:
@@ -164,9 +165,10 @@ class W22MemorySettings:
 class W22MoESampler:
     DESCRIPTION = ("Samples the video latent. For the A14B models the high-noise expert runs the "
                    "steps whose timestep is at or above boundary x 1000, the low-noise expert the "
-                   "rest, each with its own CFG scale (the graph editor shows the hand-off step). "
-                   "TI2V-5B is one model: connect it to high_noise_model and leave low_noise_model "
-                   "empty.")
+                   "rest, each with its own CFG scale (the graph editor shows the hand-off step); "
+                   "split = steps gives the high-noise expert a fixed number of first steps instead. "
+                   "CFG 1.0 skips the negative prompt (one forward per step). TI2V-5B is one model: "
+                   "connect it to high_noise_model and leave low_noise_model empty.")
     CATEGORY = "Wan2.2/sampling"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -221,12 +223,23 @@ class W22MoESampler:
                     "tooltip": "The low-noise expert (wan2.2_*_low_noise_14B). Leave empty for the 5B; "
                                "empty for an A14B model, the high-noise expert runs every step."}),
                 "memory": ("WANMEMORY", {"tooltip": "From Wan2.2 Memory Settings (optional)."}),
+                "split": (list(SPLITS), {
+                    "default": "boundary",
+                    "tooltip": "How the steps are shared between the experts. boundary: the reference's "
+                               "rule (t >= boundary x 1000 runs the high-noise expert). steps: the first "
+                               "high_noise_steps steps run the high-noise expert, the rest the low-noise one "
+                               "(for few-step LoRAs; 4-step Lightning at shift 5: 2 + 2, which the boundary "
+                               "rule also gives)."}),
+                "high_noise_steps": ("INT", {
+                    "default": 2, "min": 0, "max": 1000,
+                    "tooltip": "With split = steps: how many of the first steps the high-noise expert runs."}),
             },
         }
 
     def run(self, high_noise_model: WanModel, conditioning: dict, latent: dict, seed: int, steps: int,
             shift: float, cfg_high_noise: float, cfg_low_noise: float, boundary: float, solver: str,
-            denoise: float, low_noise_model: Optional[WanModel] = None, memory: Optional[dict] = None):
+            denoise: float, low_noise_model: Optional[WanModel] = None, memory: Optional[dict] = None,
+            split: str = "boundary", high_noise_steps: int = 2):
         _check_type("high_noise_model", high_noise_model, WanModel, "Wan2.2 Model Loader")
         _check_sampled(high_noise_model, "high_noise_model")
         task = high_noise_model.task
@@ -246,6 +259,11 @@ class W22MoESampler:
         if hand_off is None and low_noise_model is not None:
             raise ValueError(f"{task.name} is one model with no expert hand-off: disconnect "
                              f"low_noise_model, or set boundary > 0 to switch models at that timestep")
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+        if split == "steps" and hand_off is None:
+            raise ValueError(f"split='steps' shares the steps between two experts, but {task.name} is one "
+                             f"model: use split='boundary'")
         memory = memory or {}
 
         models = [high_noise_model] if hand_off is None else [high_noise_model, low_noise_model or high_noise_model]
@@ -262,6 +280,7 @@ class W22MoESampler:
             latent_image=samples.to(device) if denoise < 1 else None,
             y=_batched(condition.get("y"), batch, device),
             first_frame_latent=_batched(condition.get("first_frame_latent"), batch, device),
+            high_noise_steps=high_noise_steps if split == "steps" else None,
             callback=host.progress_callback())
         return ({**latent, "samples": result.cpu()},)
 
@@ -322,7 +341,7 @@ class _ExpertPlacement:
     def __init__(self, models: list[WanModel], offload_inactive: bool):
         self.offload_inactive = offload_inactive
         self.active: Optional[host.HostedModel] = None
-        self.experts = [_PlacedExpert(self, m.hosted) for m in models]
+        self.experts = [_PlacedExpert(self, m) for m in models]
 
     def activate(self, hosted: host.HostedModel) -> None:
         if self.active is hosted:
@@ -334,16 +353,18 @@ class _ExpertPlacement:
 
 
 class _PlacedExpert:
-    """An expert as the sampler calls it: `expert(x, t, context, y=...)`, with its `config`."""
+    """An expert as the sampler calls it: `expert(x, t, context, y=...)`, with its `config`
+    (the model's weights with the LoRAs of its handle)."""
 
-    def __init__(self, placement: _ExpertPlacement, hosted: host.HostedModel):
+    def __init__(self, placement: _ExpertPlacement, model: WanModel):
         self.placement = placement
-        self.hosted = hosted
-        self.config = hosted.module.config
+        self.hosted = model.hosted
+        self.model = model.runnable()
+        self.config = self.model.config
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context, **kwargs) -> torch.Tensor:
         self.placement.activate(self.hosted)
-        return self.hosted.module(x, t, context, **kwargs)
+        return self.model(x, t, context, **kwargs)
 
 
 def _video_to_images(video: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ import torch
 from wan_core import pipeline
 from wan_core.configs import DEFAULT_NEGATIVE_PROMPT, TASKS
 from wan_core.vae import Tiling
-from wan_core.testing import write_dit_checkpoint, write_text_encoder_checkpoint, write_vae_checkpoint
+from wan_core.testing import tiny_dit_config, write_dit_checkpoint, write_text_encoder_checkpoint, write_vae_checkpoint
+from wan_core.testing.lora import lightx2v_lora, write_lora
 
 
 def _import_sibling(name: str):
@@ -36,7 +37,7 @@ host = importlib.import_module("comfyui_wan22_pack.nodes.host")
 loaders = importlib.import_module("comfyui_wan22_pack.nodes.loaders")
 samplers = importlib.import_module("comfyui_wan22_pack.nodes.samplers")
 
-MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae")
+MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "loras")
 # file name -> (model folder, how to write it): the names of ComfyUI's repackaged release.
 TINY_MODELS = {
     "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": ("diffusion_models", "dit", "t2v", "comfy_fp8_scaled", 1),
@@ -47,6 +48,11 @@ TINY_MODELS = {
     "umt5_xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", "text", None, "comfy_fp8_scaled", 6),
     "wan_2.1_vae.safetensors": ("vae", "vae", "2.1", "comfy", 7),
     "wan2.2_vae.safetensors": ("vae", "vae", "2.2", "comfy", 8),
+    # the 4-step Lightning LoRAs (LightX2V's entries: pairs, bias/norm/modulation differences)
+    "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors": ("loras", "lora", "t2v", "comfy", 9),
+    "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors": ("loras", "lora", "t2v", "comfy", 10),
+    "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors": ("loras", "lora", "i2v", "comfy", 11),
+    "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors": ("loras", "lora", "i2v", "comfy", 12),
 }
 START_IMAGE = "wan22_start.png"
 TINY = {"width": 64, "height": 64, "length": 5}
@@ -62,6 +68,8 @@ def write_tiny_models(root: Path) -> Path:
             write_dit_checkpoint(path, variant, layout, dtype=dtype, seed=seed)
         elif kind == "text":
             write_text_encoder_checkpoint(path, layout, dtype=torch.bfloat16, seed=seed)
+        elif kind == "lora":
+            write_lora(path, lightx2v_lora(tiny_dit_config(variant), seed=seed), layout)
         else:
             write_vae_checkpoint(path, variant, layout, seed=seed)
     return root

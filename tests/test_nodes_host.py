@@ -56,8 +56,8 @@ def test_missing_model_names_the_file_and_folders(models_dir):
 
 
 def test_unknown_folder_kind_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model folder kind 'loras'"):
-        host.list_models("loras")
+    with pytest.raises(ValueError, match="unknown model folder kind 'upscale_models'"):
+        host.list_models("upscale_models")
 
 
 def test_step_callback_counts_steps_and_never_interrupts():

@@ -17,7 +17,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO_ROOT / "example_workflows"
-WORKFLOWS = ("t2v_A14B.json", "i2v_A14B.json", "ti2v_5B.json")
+WORKFLOWS = ("t2v_A14B.json", "i2v_A14B.json", "ti2v_5B.json", "t2v_A14B_lightning.json", "i2v_A14B_lightning.json")
 
 # Frontend-only nodes: the editor never sends them to the server.
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -47,6 +47,13 @@ REPACKAGED = {
     },
     "text_encoders": {"umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
     "vae": {"wan_2.1_vae.safetensors", "wan2.2_vae.safetensors"},
+    # the 4-step LightX2V Lightning LoRAs (split_files/loras/)
+    "loras": {
+        "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+        "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors",
+        "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+        "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors",
+    },
 }
 
 
@@ -251,6 +258,32 @@ def test_workflow_uses_its_task_models_and_reference_settings(name, task, node_i
     assert (latent["width"], latent["height"]) in config.supported_sizes and latent["length"] == config.frame_num
     assert ("start_image" in latent) == (kind == "i2v")
     assert _node(prompt, "CreateVideo")["inputs"]["fps"] == config.sample_fps
+
+
+@pytest.mark.parametrize("name, task", [("t2v_A14B_lightning.json", "t2v-A14B"),
+                                        ("i2v_A14B_lightning.json", "i2v-A14B")])
+def test_lightning_workflow_puts_each_experts_lora_before_a_four_step_cfg1_sampler(name, task, node_inputs):
+    from wan_core.configs import TASKS
+    from wan_core.sampling import handoff_index, schedule
+
+    prompt = ui_to_api(load_workflow(name), node_inputs)
+    sampler = _node(prompt, "W22MoESampler")["inputs"]
+    kind = task.split("-")[0]
+    for expert in ("high", "low"):
+        lora = prompt[sampler[f"{expert}_noise_model"][0]]
+        assert lora["class_type"] == "W22LoRA" and lora["inputs"]["strength"] == 1.0
+        assert lora["inputs"]["lora_name"] in REPACKAGED["loras"]
+        assert lora["inputs"]["lora_name"].startswith(f"wan2.2_{kind}_lightx2v_4steps_lora_")
+        assert lora["inputs"]["lora_name"].endswith(f"_{expert}_noise.safetensors")
+        loader = prompt[lora["inputs"]["model"][0]]
+        assert loader["class_type"] == "W22ModelLoader" and f"_{expert}_noise_" in loader["inputs"]["model_name"]
+    assert (sampler["steps"], sampler["shift"], sampler["cfg_high_noise"], sampler["cfg_low_noise"]) == (4, 5.0, 1.0, 1.0)
+    assert sampler["solver"] == "euler" and sampler["split"] == "boundary" and sampler["boundary"] == 0.0
+    _, timesteps = schedule(sampler["solver"], sampler["steps"], sampler["shift"])
+    assert handoff_index(timesteps, TASKS[task].boundary) == 2  # the model's boundary: 2 + 2 steps
+    latent = _node(prompt, "W22VideoLatent")["inputs"]
+    assert (latent["width"], latent["height"]) in TASKS[task].supported_sizes
+    assert _node(prompt, "SaveVideo")["inputs"]["filename_prefix"].endswith("_lightning")
 
 
 def _node(prompt: dict, class_type: str) -> dict:

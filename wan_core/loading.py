@@ -253,27 +253,80 @@ def _vae22_renames() -> tuple[tuple[str, str], ...]:
     return _vae_shared_renames() + tuple(pairs)
 
 
+# diffusers' WanTransformer3DModel names -> the official ones.
+_DIT_DIFFUSERS_RENAMES: tuple[tuple[str, str], ...] = (
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    *_attention_renames("attn1", "self_attn"),
+    *_attention_renames("attn2", "cross_attn"),
+    ("blocks.{n}.ffn.net.0.proj.", "blocks.{n}.ffn.0."),
+    ("blocks.{n}.ffn.net.2.", "blocks.{n}.ffn.2."),
+    # diffusers' norm2 is the official cross-attention norm3 (the others carry no weights)
+    ("blocks.{n}.norm2.", "blocks.{n}.norm3."),
+    ("blocks.{n}.scale_shift_table", "blocks.{n}.modulation"),
+    ("scale_shift_table", "head.modulation"),
+    ("proj_out.", "head.head."),
+)
+
+# The DiT modules LoRAs change, in the official names. Wan2.1's image-to-video modules (k_img,
+# v_img, norm_k_img, img_emb) are listed too, so that the keys of a Wan2.1 I2V LoRA are read as
+# targets a Wan2.2 model lacks rather than as an unknown layout; "blocks.{n}" and "head" carry
+# the modulation tables (LightX2V's .diff_m).
+_DIT_LORA_MODULES: tuple[str, ...] = (
+    *(f"blocks.{{n}}.{attention}.{layer}" for attention in ("self_attn", "cross_attn")
+      for layer in ("q", "k", "v", "o", "norm_q", "norm_k")),
+    "blocks.{n}.cross_attn.k_img", "blocks.{n}.cross_attn.v_img", "blocks.{n}.cross_attn.norm_k_img",
+    "blocks.{n}.norm3", "blocks.{n}.ffn.0", "blocks.{n}.ffn.2", "blocks.{n}",
+    "patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
+    "time_projection.1", "head.head", "head", "img_emb.proj.0", "img_emb.proj.1", "img_emb.proj.3", "img_emb.proj.4",
+)
+
+# Wan2.1 I2V's image branch as diffusers names it (LoRAs for it exist; Wan2.2 has no such layers).
+_DIT_DIFFUSERS_IMAGE_RENAMES: tuple[tuple[str, str], ...] = (
+    ("blocks.{n}.attn2.add_k_proj.", "blocks.{n}.cross_attn.k_img."),
+    ("blocks.{n}.attn2.add_v_proj.", "blocks.{n}.cross_attn.v_img."),
+    ("blocks.{n}.attn2.norm_added_k.", "blocks.{n}.cross_attn.norm_k_img."),
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+)
+
+
+def _kohya_lora_renames() -> tuple[tuple[str, str], ...]:
+    """kohya/musubi-tuner name a module by its official name with "_" for "." behind "lora_unet_"
+    (blocks.0.self_attn.q -> lora_unet_blocks_0_self_attn_q); the key goes on after a "."."""
+    return tuple((f"lora_unet_{module.replace('.', '_')}.", f"{module}.") for module in _DIT_LORA_MODULES)
+
+
 # Applied in this order when loading (a ComfyUI prefix comes off before diffusers names are
-# recognised), in reverse order when writing a layout.
+# recognised), in reverse order when writing a layout. LoRA keys are a module name and what the
+# tensor is for that module (".lora_down.weight", ".alpha", ".diff", ...; wan_core.lora reads
+# that part): these rows rename the module part to the official DiT names.
 LAYOUT_CONVERSIONS: tuple[LayoutConversion, ...] = (
     LayoutConversion("dit", "comfy_prefixed", marker="model.diffusion_model.",
                      renames=(("model.diffusion_model.", ""),)),
-    LayoutConversion("dit", "diffusers", marker="condition_embedder.", renames=(
-        ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
-        ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
-        ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
-        ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
-        ("condition_embedder.time_proj.", "time_projection.1."),
-        *_attention_renames("attn1", "self_attn"),
-        *_attention_renames("attn2", "cross_attn"),
-        ("blocks.{n}.ffn.net.0.proj.", "blocks.{n}.ffn.0."),
-        ("blocks.{n}.ffn.net.2.", "blocks.{n}.ffn.2."),
-        # diffusers' norm2 is the official cross-attention norm3 (the others carry no weights)
-        ("blocks.{n}.norm2.", "blocks.{n}.norm3."),
-        ("blocks.{n}.scale_shift_table", "blocks.{n}.modulation"),
-        ("scale_shift_table", "head.modulation"),
-        ("proj_out.", "head.head."),
-    )),
+    LayoutConversion("dit", "diffusers", marker="condition_embedder.", renames=_DIT_DIFFUSERS_RENAMES),
+    # Wan Fun's LoRAs put a second "_" after lora_unet_ (ComfyUI's lora_convert drops it).
+    LayoutConversion("lora", "kohya_fun", marker="lora_unet__", renames=(("lora_unet__", "lora_unet_"),)),
+    LayoutConversion("lora", "kohya", marker="lora_unet_", renames=_kohya_lora_renames()),
+    # ComfyUI's own LoRA names (also LightX2V's and most trainers' Wan files): official names
+    # behind "diffusion_model.".
+    LayoutConversion("lora", "comfy", marker="diffusion_model.", renames=(("diffusion_model.", ""),)),
+    # DiffSynth-Studio and PEFT-wrapped official names.
+    LayoutConversion("lora", "diffsynth", marker="pipe.dit.", renames=(("pipe.dit.", ""),)),
+    LayoutConversion("lora", "peft", marker="base_model.model.", renames=(("base_model.model.", ""),)),
+    # diffusers / PEFT files: diffusers module names behind "transformer." (a pipeline's
+    # save_lora_weights) or bare (a model's save_lora_adapter; told apart from the official
+    # names by attn1/attn2, which every diffusers LoRA of Wan targets).
+    LayoutConversion("lora", "diffusers", marker="transformer.", renames=tuple(
+        (f"transformer.{theirs}", ours) for theirs, ours in _DIT_DIFFUSERS_RENAMES + _DIT_DIFFUSERS_IMAGE_RENAMES
+    ) + (("transformer.", ""),)),
+    LayoutConversion("lora", "diffusers_bare", marker="blocks.{n}.attn",
+                     renames=_DIT_DIFFUSERS_RENAMES + _DIT_DIFFUSERS_IMAGE_RENAMES),
     # The text encoder's canonical names are transformers' (UMT5EncoderModel, which runs it);
     # the official umt5 .pth has its own. The gated FFN is fc1(x) * gelu(gate(x)): gate.0 is
     # the GELU branch wi_0, fc1 the linear branch wi_1. umt5 keeps a position-bias table per

@@ -31,11 +31,14 @@ export function timesteps({ steps, shift, solver = "unipc", denoise = 1.0 }) {
   return ts.slice(total - steps);
 }
 
-// How many of the steps run on the high-noise expert (they come first).
-export function handoff({ steps, shift, boundary, solver = "unipc", denoise = 1.0 }) {
+// How many of the steps run on the high-noise expert (they come first): those with
+// t >= 1000 * boundary, or with the sampler's split = "steps" the first highNoiseSteps.
+export function handoff({ steps, shift, boundary, solver = "unipc", denoise = 1.0, highNoiseSteps = null }) {
   const ts = timesteps({ steps, shift, solver, denoise });
   const threshold = boundary * NUM_TRAIN_TIMESTEPS;
-  return { steps: ts.length, highSteps: ts.filter((t) => t >= threshold).length, timesteps: ts };
+  const highSteps = highNoiseSteps == null ? ts.filter((t) => t >= threshold).length
+    : Math.min(highNoiseSteps, ts.length);
+  return { steps: ts.length, highSteps, timesteps: ts };
 }
 
 // Problems with a video size for a model: [level, message] pairs, level "error" for sizes the

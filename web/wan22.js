@@ -3,8 +3,8 @@
 // - Model loader: shows the variant detected from the chosen file (asked from the server's
 //   /wan22/model_info route, which reads tensor names and shapes, no weights).
 // - MoE sampler: shows at which step the high-noise expert hands off to the low-noise one for
-//   the current steps / shift / boundary / solver / denoise (schedule.js, the same computation
-//   as wan_core's sampler; tests/test_nodes_web.py checks they agree).
+//   the current steps / shift / boundary / solver / denoise, or split = steps (schedule.js, the
+//   same computation as wan_core's sampler; tests/test_nodes_web.py checks they agree).
 // - Video latent: flags a width, height or length the connected model cannot take.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -12,6 +12,7 @@ import { handoff, sizeProblems } from "./schedule.js";
 
 const EXTENSION = "comfyui-wan22";
 const LOADER = "W22ModelLoader";
+const LORA = "W22LoRA";
 const SAMPLER = "W22MoESampler";
 const LATENT = "W22VideoLatent";
 const LINE_HEIGHT = 16;
@@ -36,11 +37,15 @@ function widgetValue(node, name) {
   return widget ? widget.value : undefined;
 }
 
-// The model loader feeding `inputName` of `node`, if that input is connected to one.
+// The model loader feeding `inputName` of `node`, if that input is connected to one (through
+// any chain of Wan2.2 LoRA nodes, which pass the model on).
 function loaderOf(node, inputName) {
-  const slot = node.findInputSlot(inputName);
-  if (slot < 0) return null;
-  const origin = node.getInputNode(slot);
+  let slot = node.findInputSlot(inputName);
+  let origin = slot >= 0 ? node.getInputNode(slot) : null;
+  while (origin && origin.type === LORA) {
+    slot = origin.findInputSlot("model");
+    origin = slot >= 0 ? origin.getInputNode(slot) : null;
+  }
   return origin && origin.type === LOADER ? origin : null;
 }
 
@@ -86,15 +91,22 @@ function samplerLines(node) {
     if (!info) return [[COLORS.info, "connect a Wan2.2 model loader to see the hand-off step"]];
     return [[COLORS.info, `${info.task}: one model runs all ${steps} steps`]];
   }
+  // the hand-off follows the sampler's split rule: the boundary, or a fixed number of first steps
+  const byStepCount = widgetValue(node, "split") === "steps";
+  const highNoiseSteps = byStepCount ? widgetValue(node, "high_noise_steps") : null;
   const plan = handoff({
-    steps, shift: widgetValue(node, "shift"), boundary,
+    steps, shift: widgetValue(node, "shift"), boundary, highNoiseSteps,
     solver: widgetValue(node, "solver"), denoise: widgetValue(node, "denoise"),
   });
+  const rule = byStepCount ? `split: first ${highNoiseSteps} steps` : `boundary ${boundary}`;
   const lines = [];
+  if (byStepCount && highNoiseSteps > plan.steps) {
+    lines.push([COLORS.error, `high_noise_steps ${highNoiseSteps} is more than the ${plan.steps} steps`]);
+  }
   if (plan.highSteps === 0) {
-    lines.push([COLORS.info, `low-noise expert runs all ${plan.steps} steps (boundary ${boundary})`]);
+    lines.push([COLORS.info, `low-noise expert runs all ${plan.steps} steps (${rule})`]);
   } else if (plan.highSteps === plan.steps) {
-    lines.push([COLORS.info, `high-noise expert runs all ${plan.steps} steps (boundary ${boundary})`]);
+    lines.push([COLORS.info, `high-noise expert runs all ${plan.steps} steps (${rule})`]);
   } else {
     lines.push([COLORS.info, `hand-off after step ${plan.highSteps} of ${plan.steps}: ` +
       `high-noise 1-${plan.highSteps}, low-noise ${plan.highSteps + 1}-${plan.steps}`]);

@@ -25,7 +25,7 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
            boundary: Optional[float] = None, solver: str = "unipc", y: Optional[torch.Tensor] = None,
            seed: Optional[int] = None, callback: Optional[StepCallback] = None, denoise: float = 1.0,
            first_frame_latent: Optional[torch.Tensor] = None, latent_image: Optional[torch.Tensor] = None,
-           offload_inactive_expert: bool = False) -> torch.Tensor:
+           offload_inactive_expert: bool = False, high_noise_steps: Optional[int] = None) -> torch.Tensor:
     """Denoise `noise` [B, C, F, H, W] into a clean latent with the reference's schedule.
 
     experts: one model, or (high_noise_expert, low_noise_expert) with `boundary` (fraction of
@@ -51,12 +51,19 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
         held at this clean latent (set before the first step and after every step) and its
         tokens get timestep 0; the model then gets per-token timesteps [B, tokens].
     offload_inactive_expert: keep only the expert in use on the latent's device.
+    high_noise_steps: with two experts, an int N in 0..steps sends the first N steps (of those
+        that run) to the high-noise expert and the rest to the low-noise one, instead of the
+        boundary rule (which is then not needed; a boundary given too is ignored). The 4-step
+        Lightning LoRAs' recipe is 2 + 2, which the official boundaries also give at shift 5.
 
     Returns the latent on noise's device, in float32 (float64 if noise is float64).
     """
     experts = _as_expert_list(experts)
-    _check_experts_and_boundary(experts, boundary)
     check_steps(steps)
+    if high_noise_steps is None:
+        _check_experts_and_boundary(experts, boundary)
+    else:
+        _check_high_noise_steps(high_noise_steps, steps, len(experts))
     check_solver(solver)
     check_denoise(denoise)
     if not isinstance(noise, torch.Tensor) or noise.ndim != 5:
@@ -88,7 +95,10 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
     with torch.no_grad():
         for i, t in enumerate(timesteps.tolist()):
             # experts[0] is the high-noise expert (or the only one)
-            index = 0 if len(experts) == 1 or runs_high_noise_expert(t, boundary) else 1
+            if high_noise_steps is not None:
+                index = 0 if i < high_noise_steps else 1
+            else:
+                index = 0 if len(experts) == 1 or runs_high_noise_expert(t, boundary) else 1
             expert, scale = experts[index], scales[index]
             if offload_inactive_expert and len(experts) == 2 and expert is not active:
                 _make_active(expert, experts[1 - index], x.device)
@@ -125,6 +135,16 @@ def _check_experts_and_boundary(experts: list, boundary: Optional[float]) -> Non
                          "model was given; drop boundary for a single model")
     if boundary is not None:
         check_boundary(boundary)
+
+
+def _check_high_noise_steps(high_noise_steps: int, steps: int, num_experts: int) -> None:
+    if num_experts != 2:
+        raise ValueError(f"high_noise_steps={high_noise_steps!r} splits the steps between two experts "
+                         "(high_noise, low_noise), but one model was given")
+    if isinstance(high_noise_steps, bool) or not isinstance(high_noise_steps, numbers.Integral) \
+            or not 0 <= high_noise_steps <= steps:
+        raise ValueError(f"high_noise_steps must be a whole number in 0..steps ({steps}): how many of the "
+                         f"first steps the high-noise expert runs; got {high_noise_steps!r}")
 
 
 def _guide_scales(guide_scale: Union[float, Sequence[float]], num_experts: int) -> tuple[float, ...]:
