@@ -200,6 +200,9 @@ def _per_token_timesteps(t: int, x: torch.Tensor, patch_size: tuple[int, int, in
 
 def _guided_flow(expert: Any, x: torch.Tensor, t: torch.Tensor, context: Any, context_null: Any,
                  y: Optional[torch.Tensor], scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if scale != 1.0 and hasattr(expert, "cond_and_uncond"):  # both passes at once (wan_core.parallel)
+        cond, uncond = (flow.to(dtype) for flow in expert.cond_and_uncond(x, t, context, context_null, y=y))
+        return uncond + scale * (cond - uncond)
     cond = expert(x, t, context, y=y).to(dtype)
     if scale == 1.0:
         return cond  # uncond + 1 * (cond - uncond) is cond: skip the unconditional pass
