@@ -19,6 +19,7 @@ from wan_core.vae import Tiling
 
 from . import host
 from .loaders import WanModel, WanTextEncoder, WanVAE
+from .parallel import sample_on_workers
 
 CONDITION_KEY = "wan22"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -221,12 +222,14 @@ class W22MoESampler:
                     "tooltip": "The low-noise expert (wan2.2_*_low_noise_14B). Leave empty for the 5B; "
                                "empty for an A14B model, the high-noise expert runs every step."}),
                 "memory": ("WANMEMORY", {"tooltip": "From Wan2.2 Memory Settings (optional)."}),
+                "parallel": ("WANPARALLEL", {"tooltip": "From Wan2.2 Multi-GPU (optional): sample on several GPUs."}),
             },
         }
 
     def run(self, high_noise_model: WanModel, conditioning: dict, latent: dict, seed: int, steps: int,
             shift: float, cfg_high_noise: float, cfg_low_noise: float, boundary: float, solver: str,
-            denoise: float, low_noise_model: Optional[WanModel] = None, memory: Optional[dict] = None):
+            denoise: float, low_noise_model: Optional[WanModel] = None, memory: Optional[dict] = None,
+            parallel: Optional[dict] = None):
         _check_type("high_noise_model", high_noise_model, WanModel, "Wan2.2 Model Loader")
         _check_sampled(high_noise_model, "high_noise_model")
         task = high_noise_model.task
@@ -249,20 +252,23 @@ class W22MoESampler:
         memory = memory or {}
 
         models = [high_noise_model] if hand_off is None else [high_noise_model, low_noise_model or high_noise_model]
-        experts = _ExpertPlacement(models, memory.get("offload_inactive_expert", False)).experts
         device = models[0].hosted.device
         batch = samples.shape[0]
-        noise = pipeline.initial_noise(tuple(samples.shape), seed, device)
-        result = sample(
-            experts if hand_off is not None else experts[0], noise,
-            [conditioning["context"].to(device)] * batch, [conditioning["context_null"].to(device)] * batch,
+        settings = dict(
+            noise=pipeline.initial_noise(tuple(samples.shape), seed, device),
+            context=[conditioning["context"].to(device)] * batch,
+            context_null=[conditioning["context_null"].to(device)] * batch,
             steps=steps, shift=shift,
             guide_scale=cfg_high_noise if hand_off is None else (cfg_low_noise, cfg_high_noise),
             boundary=hand_off, solver=solver, seed=seed, denoise=denoise,
             latent_image=samples.to(device) if denoise < 1 else None,
             y=_batched(condition.get("y"), batch, device),
             first_frame_latent=_batched(condition.get("first_frame_latent"), batch, device),
-            callback=host.progress_callback())
+            offload_inactive_expert=memory.get("offload_inactive_expert", False) if parallel is not None else False)
+        if parallel is not None:  # the worker processes load and place the models themselves
+            return ({**latent, "samples": sample_on_workers(parallel, models, settings)},)
+        experts = _ExpertPlacement(models, memory.get("offload_inactive_expert", False)).experts
+        result = sample(experts if hand_off is not None else experts[0], **settings, callback=host.progress_callback())
         return ({**latent, "samples": result.cpu()},)
 
 
