@@ -228,13 +228,13 @@ def main() -> None:
                              "step_peak_gib": step_peak, "weights_gib_per_gpu": weight_bytes(expert) / 2**30}
         dist.barrier()
         rows.update(measure_modes(expert, modes, x, t, context, context_null, args.repeats, device))
-        del expert
+        expert = None  # freed before the next set of weights
         if device.type == "cuda":
             torch.cuda.empty_cache()
         expert = shard_dit(random_expert(config, device, dtype, 1, args.quant),
                            init_groups(ParallelConfig(ulysses_size=world), device).fsdp_mesh())
         rows.update(measure_modes(expert, modes, x, t, context, context_null, args.repeats, device, "+fsdp"))
-        del expert
+        expert = None  # freed before the next set of weights
         if device.type == "cuda":
             torch.cuda.empty_cache()
         result = {"tokens": tokens, "forward_tflop": flops / 1e12, "modes": rows}

@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 
 from wan_core.ops.attention import attention
 
