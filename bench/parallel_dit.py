@@ -15,7 +15,9 @@ For each size:
 each with its speed-up over 1 GPU, the fraction of the FLOP floor (the forward's FLOPs over N x
 the bf16 matmul rate measured here) and the peak memory per GPU, plus the expert's weight bytes
 per GPU with and without FSDP. Then `--e2e_steps` steps of the two-expert hand-off with CFG end
-to end on rank 0 alone and on all N ranks (Ulysses), and the difference of the two latents.
+to end on rank 0 alone and on all N ranks (Ulysses), then on all N with the experts sharded by
+FSDP and the inactive one's shards on the CPU (its peak memory per GPU), and the differences of
+the latents.
 
 `--device cpu --tiny` runs the same code with gloo on a tiny model (the CPU test).
 """
@@ -183,9 +185,25 @@ def end_to_end(config, size, frames, steps, device, dtype, quant, world) -> dict
     synchronize(device)
     out["n_gpus_s"] = time.perf_counter() - start
     out["speedup"] = out["one_gpu_s"] / out["n_gpus_s"]
+    # FSDP with the hand-off: only the running expert's shards on the GPUs, the other's on the CPU
+    mesh = groups.fsdp_mesh()
+    for expert in experts:
+        shard_dit(expert, mesh)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        sharded = sample(tuple(experts), x, context, context_null, steps=steps, shift=TASK.sample_shift,
+                         guide_scale=TASK.sample_guide_scale, boundary=TASK.boundary, offload_inactive_expert=True)
+    synchronize(device)
+    out["n_gpus_fsdp_offload_s"] = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    out["n_gpus_fsdp_offload_peak_gib"] = peak_over_ranks(peak, device)
     if alone is not None:
-        out["latent_max_relative_difference"] = ((together - alone).abs().max() / alone.abs().max()).item()
-        out["latent_relative_l2_difference"] = ((together - alone).norm() / alone.norm()).item()
+        for name, latent in (("", together), ("fsdp_offload_", sharded)):
+            out[f"{name}latent_max_relative_difference"] = ((latent - alone).abs().max() / alone.abs().max()).item()
+            out[f"{name}latent_relative_l2_difference"] = ((latent - alone).norm() / alone.norm()).item()
     return out
 
 
@@ -271,6 +289,9 @@ def report(summary: dict, rate: float, world: int) -> None:
             print(f"  end to end ({summary['gpus']} GPUs, Ulysses): {e2e['one_gpu_s']:.1f} s -> {e2e['n_gpus_s']:.1f} s "
                   f"(x{e2e['speedup']:.2f}); latent difference max {e2e['latent_max_relative_difference']:.2e}, "
                   f"L2 {e2e['latent_relative_l2_difference']:.2e}")
+            print(f"  end to end with FSDP, inactive expert's shards on the CPU: {e2e['n_gpus_fsdp_offload_s']:.1f} s, "
+                  f"peak {e2e['n_gpus_fsdp_offload_peak_gib']:.2f} GiB per GPU; latent difference max "
+                  f"{e2e['fsdp_offload_latent_max_relative_difference']:.2e}")
 
 
 if __name__ == "__main__":

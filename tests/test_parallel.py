@@ -154,4 +154,5 @@ def test_benchmark_script_runs_every_mode_and_the_end_to_end_latents_agree(tmp_p
     assert rows["ulysses+fsdp"]["weights_gib_per_gpu"] <= 0.55 * rows["1 GPU"]["weights_gib_per_gpu"]
     assert rows["ulysses"]["weights_gib_per_gpu"] == rows["1 GPU"]["weights_gib_per_gpu"]
     assert result["end_to_end"]["latent_max_relative_difference"] <= RTOL
+    assert result["end_to_end"]["fsdp_offload_latent_max_relative_difference"] <= RTOL
     assert "end to end (2 GPUs, Ulysses)" in done.stdout

@@ -75,8 +75,9 @@ def sample_cases(prepare) -> dict[str, torch.Tensor]:
     """Sampling: the T2V two-expert hand-off with CFG, and TI2V with a held first frame."""
     x, _, context, context_null = inputs("t2v", GRIDS["tokens15"], seed=1)
     experts = prepare([model("t2v", seed=4), model("t2v", seed=5)])
+    # the inactive expert leaves the device (with FSDP: its shards), as on a GPU
     out = {"sample_t2v_moe": sample(tuple(experts), x[:1], context[:1], context_null[:1], steps=STEPS, shift=SHIFT,
-                                    guide_scale=GUIDE, boundary=BOUNDARY)}
+                                    guide_scale=GUIDE, boundary=BOUNDARY, offload_inactive_expert=True)}
     x, _, context, context_null = inputs("ti2v", GRIDS["tokens20"], seed=2)
     (ti2v,) = prepare([model("ti2v", seed=6)])
     out["sample_ti2v_image"] = sample(ti2v, x[:1], context[:1], context_null[:1], steps=STEPS, shift=SHIFT,
