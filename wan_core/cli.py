@@ -3,9 +3,9 @@
 The flags are the reference's generate.py flags for the T2V-A14B, I2V-A14B and TI2V-5B tasks,
 with the same defaults (each task's steps, shift, guide scale and frame count; a random seed
 when --base_seed is negative; --offload_model on for a single GPU), plus a few of our own:
---negative_prompt, --boundary, --device, --quant, --allow_any_size and --save_latent. `--ckpt_dir` is the
-official release folder (e.g. Wan2.2-T2V-A14B/ with high_noise_model/, low_noise_model/, the
-umt5 .pth, google/umt5-xxl/ and the VAE .pth).
+--negative_prompt, --boundary, --device, --quant, --allow_any_size and --save_latent.
+`--ckpt_dir` is the official release folder (e.g. Wan2.2-T2V-A14B/ with high_noise_model/,
+low_noise_model/, the umt5 .pth, google/umt5-xxl/ and the VAE .pth).
 
 Ctrl-C during sampling stops after the current step without writing a video; a second Ctrl-C
 stops at once.

@@ -266,15 +266,17 @@ class WanDiT(nn.Module):
         batch = x.shape[0]
         grid = tuple(s // p for s, p in zip(x.shape[2:], config.patch_size))
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()
-        angles = rope_angles(grid, config.head_dim, x.device)
-        rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
         split = self.sequence_parallel
         if split is not None:  # this rank keeps its share of the tokens until the gather
             split.begin(tokens.shape[1])
-            tokens, t, rope = split.split_tokens(tokens), split.split_timesteps(t), split.split_rope(rope)
+            tokens, t = split.split_tokens(tokens), split.split_timesteps(t)
 
         time_emb, time_mod = self._time_embedding(t, batch, tokens.shape[1])
         context = self._embed_text(context, batch)
+        angles = rope_angles(grid, config.head_dim, x.device)
+        rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
+        if split is not None:
+            rope = split.split_rope(rope)  # the shard's true positions
         for block in self.blocks:
             tokens = block(tokens, time_mod, context, rope, self.attention_backend)
         out = self.head(tokens, time_emb)
