@@ -133,6 +133,11 @@ def check_interrupt() -> None:
         _model_management.throw_exception_if_processing_interrupted()
 
 
+def interrupt_requested() -> bool:
+    """Whether the user pressed Cancel (ComfyUI; never in plain mode), without clearing it."""
+    return IN_COMFYUI and _model_management.processing_interrupted()
+
+
 def step_callback(total: int) -> Callable[..., None]:
     """A per-step callback for long loops: stops on interrupt, then advances the progress bar."""
     progress = Progress(total)
@@ -245,6 +250,35 @@ def offload(models: Iterable[HostedModel]) -> None:
         return
     for m in models:
         m.module.to(offload_device(m.role))
+
+
+class MemoryClaim:
+    """GPU memory held outside this process (the multi-GPU worker processes), made known to
+    ComfyUI's model manager: when ComfyUI frees memory ("Unload models", "Free model and node
+    cache", room for another model) it unloads the claim, which calls `release()` once.
+
+    ComfyUI unloads only models registered as a `ModelPatcher`; the claim is one around an empty
+    module with an ON_DETACH callback (ComfyUI's patcher callbacks). Plain mode: nothing frees
+    memory, `release` is never called. `drop()` withdraws the claim without calling `release`.
+    """
+
+    def __init__(self, release: Callable[[], None]):
+        self._patcher = None
+        if IN_COMFYUI:
+            from comfy.patcher_extension import CallbacksMP
+
+            self._patcher = _model_patcher.ModelPatcher(_Managed(torch.nn.Module()), load_device=compute_device("diffusion"),
+                                                        offload_device=offload_device("diffusion"))
+            self._patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: release())
+            _model_management.load_models_gpu([self._patcher])
+
+    def drop(self) -> None:
+        if self._patcher is not None:
+            loaded = _model_management.current_loaded_models
+            for i in reversed(range(len(loaded))):
+                if loaded[i].model is self._patcher:
+                    loaded.pop(i)
+            self._patcher = None
 
 
 def empty_device_cache() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 
@@ -15,6 +16,7 @@ from wan_core.configs import DiTConfig, TaskConfig, task_for_model_type
 from wan_core.loading import QUANT_MODES, load_dit, detect_dit_config, convert_layout, read_state_dict, split_fp8
 from wan_core.lora import Lora, LoraModel, with_loras
 from wan_core.ops.attention import auto_reason, available_backends, resolve_backend
+from wan_core.parallel.workers import ExpertSource
 from wan_core.text import load_text_encoder
 from wan_core.vae import load_vae
 
@@ -38,6 +40,7 @@ class WanModel:
     task: TaskConfig
     name: str
     loras: tuple[tuple[Lora, float], ...] = ()
+    source: Optional[ExpertSource] = None  # how the multi-GPU workers load the same weights
 
     @property
     def module(self) -> torch.nn.Module:
@@ -159,8 +162,10 @@ class W22ModelLoader:
             module.set_attention_backend(backend)
             if compile_blocks:
                 module.compile_blocks()
+            source = ExpertSource(str(path), str(DTYPES[weight_dtype]).removeprefix("torch."), quant, backend,
+                                  compile_blocks)
             return WanModel(host.HostedModel(module, "diffusion"), task_for_model_type(module.config.model_type),
-                            model_name)
+                            model_name, source)
 
         model = host.model_cache.get_or_load(("dit", str(path), weight_dtype, quantization, backend, compile_blocks), load)
         return {"ui": {"text": [model.describe() + shown]}, "result": (model,)}

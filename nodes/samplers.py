@@ -19,6 +19,7 @@ from wan_core.vae import Tiling
 
 from . import host
 from .loaders import WanModel, WanTextEncoder, WanVAE
+from .parallel import sample_on_workers
 
 CONDITION_KEY = "wan22"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -233,13 +234,14 @@ class W22MoESampler:
                 "high_noise_steps": ("INT", {
                     "default": 2, "min": 0, "max": 1000,
                     "tooltip": "With split = steps: how many of the first steps the high-noise expert runs."}),
+                "parallel": ("WANPARALLEL", {"tooltip": "From Wan2.2 Multi-GPU (optional): sample on several GPUs."}),
             },
         }
 
     def run(self, high_noise_model: WanModel, conditioning: dict, latent: dict, seed: int, steps: int,
             shift: float, cfg_high_noise: float, cfg_low_noise: float, boundary: float, solver: str,
             denoise: float, low_noise_model: Optional[WanModel] = None, memory: Optional[dict] = None,
-            split: str = "boundary", high_noise_steps: int = 2):
+            split: str = "boundary", high_noise_steps: int = 2, parallel: Optional[dict] = None):
         _check_type("high_noise_model", high_noise_model, WanModel, "Wan2.2 Model Loader")
         _check_sampled(high_noise_model, "high_noise_model")
         task = high_noise_model.task
@@ -267,13 +269,12 @@ class W22MoESampler:
         memory = memory or {}
 
         models = [high_noise_model] if hand_off is None else [high_noise_model, low_noise_model or high_noise_model]
-        experts = _ExpertPlacement(models, memory.get("offload_inactive_expert", False)).experts
         device = models[0].hosted.device
         batch = samples.shape[0]
-        noise = pipeline.initial_noise(tuple(samples.shape), seed, device)
-        result = sample(
-            experts if hand_off is not None else experts[0], noise,
-            [conditioning["context"].to(device)] * batch, [conditioning["context_null"].to(device)] * batch,
+        settings = dict(
+            noise=pipeline.initial_noise(tuple(samples.shape), seed, device),
+            context=[conditioning["context"].to(device)] * batch,
+            context_null=[conditioning["context_null"].to(device)] * batch,
             steps=steps, shift=shift,
             guide_scale=cfg_high_noise if hand_off is None else (cfg_low_noise, cfg_high_noise),
             boundary=hand_off, solver=solver, seed=seed, denoise=denoise,
@@ -281,7 +282,11 @@ class W22MoESampler:
             y=_batched(condition.get("y"), batch, device),
             first_frame_latent=_batched(condition.get("first_frame_latent"), batch, device),
             high_noise_steps=high_noise_steps if split == "steps" else None,
-            callback=host.progress_callback())
+            offload_inactive_expert=memory.get("offload_inactive_expert", False) if parallel is not None else False)
+        if parallel is not None:  # the worker processes load and place the models themselves
+            return ({**latent, "samples": sample_on_workers(parallel, models, settings)},)
+        experts = _ExpertPlacement(models, memory.get("offload_inactive_expert", False)).experts
+        result = sample(experts if hand_off is not None else experts[0], **settings, callback=host.progress_callback())
         return ({**latent, "samples": result.cpu()},)
 
 

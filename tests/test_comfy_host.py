@@ -331,6 +331,66 @@ def test_free_memory_request_releases_our_models(server, object_info):
     assert server.get("/wan22/cache")["models"] == []
 
 
+def _server_workers(server: Server) -> list[int]:
+    """Pids of the multi-GPU worker processes the server started (from the process table)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
+        except (OSError, NotADirectoryError):
+            continue
+        if b"wan_core.parallel.workers" in cmdline and f"PPid:\t{server.process.pid}\n" in status:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def test_multi_gpu_node_samples_on_persistent_workers_that_unload_stops(server, object_info):
+    """Wan2.2 Multi-GPU with two CPU workers (gloo): prompts run on the same two processes, an
+    interrupt stops the workers and leaves them up, "Unload models" ends them."""
+    websocket = pytest.importorskip("websocket", reason="needs websocket-client to watch the progress")
+
+    def on_workers(**overrides) -> tuple[dict, str]:
+        prompt = _api_prompt("t2v_A14B.json", object_info, **overrides)
+        sampler = _node_of(prompt, "W22MoESampler")
+        prompt["900"] = {"class_type": "W22MultiGPU", "inputs": {"gpus": "cpu,cpu", "cfg_parallel": False,
+                                                                 "dit_fsdp": False}}
+        prompt[sampler]["inputs"]["parallel"] = ["900", 0]
+        return prompt, sampler
+
+    entry = server.wait(server.queue(on_workers(seed=91)[0]))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
+    workers = _server_workers(server)
+    assert len(workers) == 2
+    assert server.wait(server.queue(on_workers(seed=92)[0]))["status"]["status_str"] == "success"
+    assert _server_workers(server) == workers  # the same processes: models loaded once
+
+    prompt, sampler = on_workers(seed=93, steps=400)
+    ws = websocket.create_connection(server.url.replace("http", "ws", 1) + f"/ws?clientId={server.client_id}",
+                                     timeout=120)
+    try:
+        prompt_id = server.queue(prompt)
+        while True:  # progress from the workers reaches the node's bar
+            message = ws.recv()
+            if isinstance(message, str):
+                event = json.loads(message)
+                assert event["type"] != "execution_error", message
+                if event["type"] == "progress" and event["data"].get("node") == sampler and event["data"]["value"] >= 2:
+                    break
+    finally:
+        ws.close()
+    assert server.request("POST", "/interrupt", {})[0] == 200
+    events = dict(server.wait(prompt_id)["status"]["messages"])
+    assert events["execution_interrupted"]["node_id"] == sampler
+    assert _server_workers(server) == workers
+
+    assert server.request("POST", "/free", {"unload_models": True})[0] == 200
+    deadline = time.monotonic() + 60
+    while _server_workers(server) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the prompt worker applies the request between prompts
+    assert _server_workers(server) == []
+
+
 # Runs in ComfyUI's Python (which has playwright): loads each workflow into the real editor,
 # reads what the pack's extension shows on its nodes (`wan22Lines`), then sets the latent's
 # width to 1000 and its length to 80 frames and reads again. Screenshots before and after.

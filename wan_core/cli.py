@@ -3,17 +3,22 @@
 The flags are the reference's generate.py flags for the T2V-A14B, I2V-A14B and TI2V-5B tasks,
 with the same defaults (each task's steps, shift, guide scale and frame count; a random seed
 when --base_seed is negative; --offload_model on for a single GPU), plus a few of our own:
---negative_prompt, --boundary, --device, --quant and --allow_any_size. `--ckpt_dir` is the
-official release folder (e.g. Wan2.2-T2V-A14B/ with high_noise_model/, low_noise_model/, the
-umt5 .pth, google/umt5-xxl/ and the VAE .pth).
+--negative_prompt, --boundary, --device, --quant, --allow_any_size and --save_latent.
+`--ckpt_dir` is the official release folder (e.g. Wan2.2-T2V-A14B/ with high_noise_model/,
+low_noise_model/, the umt5 .pth, google/umt5-xxl/ and the VAE .pth).
 
 Ctrl-C during sampling stops after the current step without writing a video; a second Ctrl-C
 stops at once.
+
+Several GPUs (the reference's recipe): `torchrun --nproc_per_node N -m wan_core generate
+--ulysses_size N [--dit_fsdp --t5_fsdp] ...`, or N = 2U with `--ulysses_size U --cfg_parallel`;
+rank 0 alone writes the video and the latent (wan_core.parallel).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import re
 import signal
@@ -24,9 +29,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import save_file as save_file_safetensors
 
 from wan_core.configs import TASKS
 from wan_core.ops.attention import AUTO, auto_reason, available_backends, resolve_backend
+from wan_core.parallel.groups import ParallelConfig, init_distributed
+from wan_core.parallel.launch import any_rank, distribute_task_models, same_on_all_ranks
 from wan_core.pipeline import (GenerationInterrupted, default_size, format_size, load_task_models, parse_size,
                                resolve_task, validate_request)
 from wan_core.sampling.schedule import SOLVERS
@@ -107,6 +116,18 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "sdpa) or one by name; sdpa is exact.")
     parser.add_argument("--allow_any_size", action="store_true",
                         help="Accept sizes the models were not trained at (multiples of VAE stride x patch).")
+    parser.add_argument("--save_latent", default=None, metavar="FILE",
+                        help="Also write the final latent (before decoding) to FILE: float32 safetensors, key 'latent'.")
+    parser.add_argument("--ulysses_size", type=int, default=1,
+                        help="Split the video tokens over this many processes (Ulysses sequence parallelism; run "
+                             "under torchrun). It must divide the model's 40 heads (24 for ti2v-5B).")
+    parser.add_argument("--cfg_parallel", action="store_true",
+                        help="Run the conditional and unconditional passes on two halves of the processes (torchrun "
+                             "with 2 x ulysses_size processes).")
+    parser.add_argument("--dit_fsdp", action="store_true",
+                        help="Shard the DiT weights over the processes with FSDP2 (each GPU holds 1/N of an expert).")
+    parser.add_argument("--t5_fsdp", action="store_true",
+                        help="Shard the umt5 text encoder's weights over the processes with FSDP2.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,15 +194,26 @@ def run_generate(args: argparse.Namespace) -> Path:
                      allow_any_size=args.allow_any_size)
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image}: file not found")
-    seed = args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    offload = args.offload_model if args.offload_model is not None else device.type != "cpu"
+    plan = ParallelConfig(ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
+                          t5_fsdp=args.t5_fsdp)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plan.check(world_size, task.dit.num_heads, task.name)
+    if args.t5_fsdp and args.t5_cpu:
+        raise ValueError("--t5_fsdp shards the text encoder over the GPUs and --t5_cpu keeps it on the CPU: pick one")
+    device, _ = init_distributed(torch.device(args.device) if args.device else None)
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if not is_main:
+        log.setLevel(logging.WARNING)
+    seed = same_on_all_ranks(args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize))
+    # one GPU: the reference offloads by default; several: each holds its own share
+    offload = args.offload_model if args.offload_model is not None else device.type != "cpu" and world_size == 1
     dtype = torch.bfloat16 if args.convert_model_dtype else torch.float32
 
     log.info("loading %s from %s (DiT %s, device %s, offload_model=%s, t5_cpu=%s)", task.name, args.ckpt_dir,
              str(dtype).removeprefix("torch."), device, offload, args.t5_cpu)
+    # several processes: the DiTs (and text encoder) wait on the CPU until each rank takes its share
     models = load_task_models(task, args.ckpt_dir, dtype=dtype, device=device, t5_cpu=args.t5_cpu,
-                              offload_model=offload, quant=args.quant)
+                              offload_model=offload or world_size > 1, quant=args.quant)
     for expert in models.experts if isinstance(models.experts, tuple) else (models.experts,):
         expert.set_attention_backend(args.attention)
     backend = resolve_backend(args.attention, device, dtype)
@@ -189,14 +221,23 @@ def run_generate(args: argparse.Namespace) -> Path:
              f" (auto: {auto_reason(device, dtype)})" if args.attention == AUTO else "")
     if args.compile:
         models.compile_blocks()
+    if world_size > 1:
+        models, _ = distribute_task_models(models, plan, device, offload_model=offload, t5_cpu=args.t5_cpu)
     log.info("generating %d frames at %s, %d steps, seed %d", frame_num, format_size(size), steps, seed)
-    with tqdm(total=steps, desc=task.name, unit="step", file=sys.stderr) as bar, StopOnCtrlC() as stop:
-        video = models.generate(
+    with tqdm(total=steps, desc=task.name, unit="step", file=sys.stderr, disable=not is_main) as bar, \
+            StopOnCtrlC() as stop:
+        latent = models.generate(
             prompt=args.prompt, negative_prompt=args.negative_prompt, size=size, frame_num=frame_num,
             image=args.image, steps=steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
             boundary=args.boundary, solver=args.sample_solver, seed=seed, allow_any_size=args.allow_any_size,
-            callback=lambda step, total, latent: bar.update(1), interrupt=stop)
+            callback=lambda step, total, latent: bar.update(1), interrupt=any_rank(stop, device), output="latent")
     save_file = Path(args.save_file or default_save_file(task.name, size, args.prompt))
+    if not is_main:
+        return save_file
+    if args.save_latent:
+        save_file_safetensors({"latent": latent.float().cpu().contiguous()}, args.save_latent)
+        log.info("saved the latent %s to %s", tuple(latent.shape), args.save_latent)
+    video = models.vae.decode(latent.to(device=models.vae.device, dtype=models.vae.dtype))[0]
     write_video(video, save_file, fps=task.sample_fps)
     log.info("saved %d frames of %dx%d at %d fps to %s", video.shape[1], video.shape[3], video.shape[2],
              task.sample_fps, save_file)
@@ -235,6 +276,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

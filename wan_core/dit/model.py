@@ -102,6 +102,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.sequence_parallel = None  # wan_core.parallel: self-attention over this rank's token shard
 
     def forward(self, x: torch.Tensor, source: torch.Tensor, rope: Optional[torch.Tensor],
                 backend: str) -> torch.Tensor:
@@ -111,7 +112,8 @@ class Attention(nn.Module):
         v = self.v(source).unflatten(-1, heads)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.o(attention(q, k, v, backend).flatten(-2))
+        attend = attention if self.sequence_parallel is None else self.sequence_parallel.attention
+        return self.o(attend(q, k, v, backend).flatten(-2))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -192,6 +194,7 @@ class WanDiT(nn.Module):
         self.head = Head(config)
         self._weight_patches: Optional[WeightPatches] = None
         self._base_tensors: dict[str, torch.Tensor] = {}  # base values of the patched entries
+        self.sequence_parallel = None  # wan_core.parallel.SequenceParallel: the tokens split over ranks
 
     def weight_units(self) -> list[tuple[str, nn.Module, str]]:
         """(prefix, module, names to skip) of each unit weights are patched and moved by: every
@@ -264,15 +267,22 @@ class WanDiT(nn.Module):
         batch = x.shape[0]
         grid = tuple(s // p for s, p in zip(x.shape[2:], config.patch_size))
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()
+        split = self.sequence_parallel
+        if split is not None:  # this rank keeps its share of the tokens until the gather
+            split.begin(tokens.shape[1])
+            tokens, t = split.split_tokens(tokens), split.split_timesteps(t)
 
         time_emb, time_mod = self._time_embedding(t, batch, tokens.shape[1])
         context = self._embed_text(context, batch)
         angles = rope_angles(grid, config.head_dim, x.device)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
+        if split is not None:
+            rope = split.split_rope(rope)  # the shard's true positions
         backend = resolve_backend(self.attention_backend, x.device, self.dtype)  # outside compiled blocks
         for block in self.blocks:
             tokens = block(tokens, time_mod, context, rope, backend)
-        return self._unpatchify(self.head(tokens, time_emb), grid)
+        out = self.head(tokens, time_emb)
+        return self._unpatchify(out if split is None else split.gather(out), grid)
 
     def _check_input(self, x: torch.Tensor) -> None:
         config = self.config

@@ -30,7 +30,9 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
 
     experts: one model, or (high_noise_expert, low_noise_expert) with `boundary` (fraction of
         the 1000 training timesteps): the high-noise expert runs the steps with t >= boundary * 1000.
-        Each is called as model(x, t, context, y=y) and returns the flow prediction like x.
+        Each is called as model(x, t, context, y=y) and returns the flow prediction like x; one
+        that also has `cond_and_uncond(x, t, context, context_null, y=y)` gives both predictions
+        of a guided step at once (wan_core.parallel's CFG-parallel).
     context, context_null: the prompt and negative-prompt embeddings (lists of [L_i, 4096],
         one per batch item), passed to the model as they are. context_null may be None when
         every guidance scale is 1 (then no unconditional pass runs).
@@ -220,6 +222,9 @@ def _per_token_timesteps(t: int, x: torch.Tensor, patch_size: tuple[int, int, in
 
 def _guided_flow(expert: Any, x: torch.Tensor, t: torch.Tensor, context: Any, context_null: Any,
                  y: Optional[torch.Tensor], scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if scale != 1.0 and hasattr(expert, "cond_and_uncond"):  # both passes at once (wan_core.parallel)
+        cond, uncond = (flow.to(dtype) for flow in expert.cond_and_uncond(x, t, context, context_null, y=y))
+        return uncond + scale * (cond - uncond)
     cond = expert(x, t, context, y=y).to(dtype)
     if scale == 1.0:
         return cond  # uncond + 1 * (cond - uncond) is cond: skip the unconditional pass
