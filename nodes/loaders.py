@@ -165,7 +165,7 @@ class W22ModelLoader:
             source = ExpertSource(str(path), str(DTYPES[weight_dtype]).removeprefix("torch."), quant, backend,
                                   compile_blocks)
             return WanModel(host.HostedModel(module, "diffusion"), task_for_model_type(module.config.model_type),
-                            model_name, source)
+                            model_name, source=source)
 
         model = host.model_cache.get_or_load(("dit", str(path), weight_dtype, quantization, backend, compile_blocks), load)
         return {"ui": {"text": [model.describe() + shown]}, "result": (model,)}

@@ -125,7 +125,7 @@ def sample_on_workers(parallel: dict, models: list, sample_kwargs: dict):
     for model in models:
         if model.source is None:
             raise ValueError(f"{model.name} was not loaded by Wan2.2 Model Loader, so the workers cannot load it")
-        if getattr(model.module, "weight_patches", None) is not None:
+        if model.loras:
             raise ValueError(f"{model.name} has LoRAs applied; the multi-GPU workers load the base weights only: "
                              f"disconnect the parallel input or the LoRA")
         if model.source not in sources:
