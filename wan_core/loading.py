@@ -293,6 +293,14 @@ LAYOUT_CONVERSIONS: tuple[LayoutConversion, ...] = (
     # The VAEs' canonical names are the official ones (ComfyUI's repackaged files use them too).
     # diffusers' AutoencoderKLWan names differ between the two versions, told apart by the
     # decoder's resampler ("upsamplers.0" in Wan2.1, "upsampler" in Wan2.2).
+    # The audio encoder's canonical names are transformers' Wav2Vec2Model's. Wav2Vec2ForCTC
+    # folders (the official S2V release) put them behind "wav2vec2."; files saved before torch's
+    # weight_norm parametrization name the positional conv's weight norm weight_g / weight_v.
+    LayoutConversion("audio", "transformers_ctc", marker="wav2vec2.", renames=(("wav2vec2.", ""),)),
+    LayoutConversion("audio", "weight_norm_legacy", marker="encoder.pos_conv_embed.conv.weight_g", renames=(
+        ("encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
+        ("encoder.pos_conv_embed.conv.weight_v", "encoder.pos_conv_embed.conv.parametrizations.weight.original1"),
+    )),
     LayoutConversion("vae", "diffusers_2.1", marker="decoder.up_blocks.0.upsamplers.0.", renames=_vae21_renames()),
     LayoutConversion("vae", "diffusers_2.2", marker="decoder.up_blocks.0.upsampler.", renames=_vae22_renames()),
 )

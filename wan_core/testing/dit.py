@@ -36,7 +36,7 @@ _FP8_LAYERS = r"(blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[
 
 # S2V files without a config.json (ComfyUI's) get the 14B's injection layers, which need 40
 # blocks: the tiny S2V keeps them and is narrow instead (one head of 128).
-TINY_S2V_AUDIO_DIM = 32
+TINY_S2V_AUDIO_DIM = 64  # the tiny wav2vec2's width (a multiple of its 64-wide heads)
 
 
 def tiny_dit_config(variant: str) -> DiTConfig:
