@@ -49,6 +49,24 @@ def load_audio(source: AudioInput) -> np.ndarray:
     raise TypeError(f"audio must be a file path, an AUDIO dict or (waveform, sample_rate), got {type(source).__name__}")
 
 
+def read_audio_file(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
+    """An audio file as it is: ([channels, samples] float32, its own sample rate), for muxing
+    the speech into the video."""
+    import librosa
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        waveform, sample_rate = librosa.load(path, sr=None, mono=False)
+    except Exception as e:  # soundfile, audioread and librosa each raise their own kinds
+        raise ValueError(f"{path} is not a readable audio file ({type(e).__name__}: {e}); convert it to wav, "
+                         f"flac or mp3") from None
+    waveform = np.atleast_2d(np.asarray(waveform, dtype=np.float32))
+    _checked(waveform, str(path))
+    return waveform, int(sample_rate)
+
+
 def _load_file(path: Path) -> np.ndarray:
     import librosa
 

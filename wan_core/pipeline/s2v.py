@@ -209,16 +209,13 @@ def _check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a whole number >= 1{' or None' if allow_none else ''}, got {value!r}")
 
 
-def validate_s2v_request(task: TaskConfig, *, size: Size, image, audio, audio_encoder, frames_per_clip: int,
+def validate_s2v_request(task: TaskConfig, *, size: Size, image, audio, frames_per_clip: int,
                          num_clips: Optional[int], steps: Optional[int], shift, guide_scale, solver: str,
                          allow_any_size: bool) -> None:
     """Raise a ValueError that says what to change if an S2V request cannot run."""
     if audio is None:
         raise ValueError(f"{task.name} animates speech: pass audio= (a file, an AUDIO dict or (waveform, rate); "
                          f"CLI: --audio PATH)")
-    if audio_encoder is None:
-        raise ValueError(f"{task.name} needs audio_encoder= (wan_core.audio.load_audio_encoder; the official "
-                         f"folder's wav2vec2-large-xlsr-53-english/)")
     if image is None:
         raise ValueError(f"{task.name} animates a reference image: pass image= (CLI: --image PATH)")
     width, height = size
@@ -271,9 +268,12 @@ def generate_s2v(task: Union[str, TaskConfig], *, experts: "WanDiT", vae, text_e
 
     task = resolve_task(task)
     size = parse_size(size if size is not None else default_size(task))
-    validate_s2v_request(task, size=size, image=image, audio=audio, audio_encoder=audio_encoder,
-                         frames_per_clip=frames_per_clip, num_clips=num_clips, steps=steps, shift=shift,
-                         guide_scale=guide_scale, solver=solver, allow_any_size=allow_any_size)
+    validate_s2v_request(task, size=size, image=image, audio=audio, frames_per_clip=frames_per_clip,
+                         num_clips=num_clips, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver,
+                         allow_any_size=allow_any_size)
+    if audio_encoder is None:
+        raise ValueError(f"{task.name} needs audio_encoder= (wan_core.audio.load_audio_encoder; the official "
+                         f"folder's wav2vec2-large-xlsr-53-english/)")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     dit = _expert_list(experts)
