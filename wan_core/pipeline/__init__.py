@@ -13,7 +13,7 @@ from wan_core.pipeline.request import (Size, default_size, format_size, latent_f
                                        official_folder_name, parse_size, resolve_task, validate_request)
 from wan_core.pipeline.video import Experts, GenerationInterrupted, StepCallback, encode_prompts, generate
 from wan_core.pipeline.s2v import (audio_for_video, generate_s2v, pose_frame_indices, pose_pixels, reference_pixels,
-                                   s2v_size, validate_s2v_request)
+                                   s2v_clips, s2v_size, validate_s2v_request)
 
 __all__ = [
     "TOKENIZER_DIR", "TaskModels", "checkpoint_files", "load_task_models",
@@ -22,6 +22,6 @@ __all__ = [
     "Size", "default_size", "format_size", "latent_frames", "latent_shape", "official_folder_name",
     "parse_size", "resolve_task", "validate_request",
     "Experts", "GenerationInterrupted", "StepCallback", "encode_prompts", "generate",
-    "audio_for_video", "generate_s2v", "pose_frame_indices", "pose_pixels", "reference_pixels", "s2v_size",
+    "audio_for_video", "generate_s2v", "pose_frame_indices", "pose_pixels", "reference_pixels", "s2v_clips", "s2v_size",
     "validate_s2v_request",
 ]

@@ -44,6 +44,7 @@ INIT_REF_FRAMES = 6     # with init_first_frame, the reference image fills the b
 POSE_BLACK = -1.0       # missing pose frames (after the pose video ends)
 
 PoseInput = Union[str, os.PathLike, torch.Tensor, np.ndarray]
+StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,9 +252,9 @@ def generate_s2v(task: Union[str, TaskConfig], *, experts: "WanDiT", vae, text_e
                  pose_video: Optional[PoseInput] = None, num_clips: Optional[int] = None, frames_per_clip: int = 80,
                  init_first_frame: bool = False, size: Union[str, Size, None] = None, steps: Optional[int] = None,
                  shift: Optional[float] = None, guide_scale: Optional[float] = None, solver: str = "unipc",
-                 seed: int = 0, callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
-                 interrupt: Optional[Callable[[], bool]] = None, device: Union[str, torch.device, None] = None,
-                 offload_model: bool = False, t5_cpu: bool = False, allow_any_size: bool = False) -> torch.Tensor:
+                 seed: int = 0, callback: Optional[StepCallback] = None, interrupt: Optional[Callable[[], bool]] = None,
+                 device: Union[str, torch.device, None] = None, offload_model: bool = False, t5_cpu: bool = False,
+                 allow_any_size: bool = False) -> torch.Tensor:
     """A talking video [3, N, H, W] in [-1, 1] (see the module docstring for N and the audio).
 
     `experts`: the S2V DiT. `audio`: a path, ComfyUI AUDIO or (waveform, rate); `audio_encoder`
@@ -261,29 +262,54 @@ def generate_s2v(task: Union[str, TaskConfig], *, experts: "WanDiT", vae, text_e
     reference). `image`: the reference image. `pose_video`: a video path or IMAGE frames at 16 fps.
     `num_clips`: at most this many clips (None: as many as the audio needs). `size`: the area
     only (default 1280*720). `callback(done, total, latent)` after every step with total =
-    clips x steps; `interrupt()` is checked before and after every step.
+    clips x steps; `interrupt()` is checked before and after every step. `offload_model`: the
+    DiT waits on the CPU while the VAE works between clips (and the text encoder visits `device`
+    only to encode, unless `t5_cpu`).
     """
-    from wan_core.audio import audio_features, load_audio
-    from wan_core.pipeline.video import GenerationInterrupted, _check_experts, _expert_list, encode_prompts
+    from wan_core.pipeline.video import _check_experts, _expert_list, encode_prompts
 
     task = resolve_task(task)
     size = parse_size(size if size is not None else default_size(task))
     validate_s2v_request(task, size=size, image=image, audio=audio, frames_per_clip=frames_per_clip,
                          num_clips=num_clips, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver,
                          allow_any_size=allow_any_size)
-    if audio_encoder is None:
-        raise ValueError(f"{task.name} needs audio_encoder= (wan_core.audio.load_audio_encoder; the official "
-                         f"folder's wav2vec2-large-xlsr-53-english/)")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     dit = _expert_list(experts)
     _check_experts(task, dit)
     dit = dit[0]
+    device = torch.device(device) if device is not None else vae.device
+    context, context_null = encode_prompts(text_encoder, prompt, negative_prompt or task.negative_prompt, device,
+                                           move_encoder=offload_model and not t5_cpu)
+
+    def place_dit(running: bool) -> None:
+        dit.to(device if running or not offload_model else "cpu")
+
+    return s2v_clips(task, dit, vae, context, context_null, image=image, audio=audio, audio_encoder=audio_encoder,
+                     pose_video=pose_video, num_clips=num_clips, frames_per_clip=frames_per_clip,
+                     init_first_frame=init_first_frame, area=size[0] * size[1], steps=steps, shift=shift,
+                     guide_scale=guide_scale, solver=solver, seed=seed, callback=callback, interrupt=interrupt,
+                     device=device, place_dit=place_dit)
+
+
+def s2v_clips(task: TaskConfig, dit: "WanDiT", vae, context: list, context_null: list, *, image: ImageInput, audio,
+              audio_encoder, pose_video: Optional[PoseInput], num_clips: Optional[int], frames_per_clip: int,
+              init_first_frame: bool, area: int, steps: Optional[int], shift: Optional[float],
+              guide_scale: Optional[float], solver: str, seed: int, callback: Optional[StepCallback],
+              interrupt: Optional[Callable[[], bool]], device: torch.device,
+              place_dit: Callable[[bool], None]) -> torch.Tensor:
+    """The clip loop of `generate_s2v` for a checked request and encoded prompts (context,
+    context_null: one [L, 4096] embedding each, on `device`). `place_dit(True)` runs before each
+    clip's sampling, `place_dit(False)` after it (where the DiT waits while the VAE works)."""
+    from wan_core.audio import audio_features, load_audio
+    from wan_core.pipeline.video import GenerationInterrupted
+
+    if audio_encoder is None:
+        raise ValueError(f"{task.name} needs audio_encoder= (wan_core.audio.load_audio_encoder; the official "
+                         f"folder's wav2vec2-large-xlsr-53-english/)")
     steps = task.sample_steps if steps is None else steps
     shift = task.sample_shift if shift is None else shift
     guide_scale = task.sample_guide_scale if guide_scale is None else guide_scale
-    negative_prompt = negative_prompt or task.negative_prompt
-    device = torch.device(device) if device is not None else vae.device
     work_dtype = dit.dtype if device.type == "cuda" else torch.float32
 
     def check_interrupt(where: str) -> None:
@@ -297,7 +323,7 @@ def generate_s2v(task: Union[str, TaskConfig], *, experts: "WanDiT", vae, text_e
     features = features.to(device=device, dtype=work_dtype)
 
     reference = load_image(image)
-    height, width = s2v_size(tuple(reference.shape[1:]), size[0] * size[1])
+    height, width = s2v_size(tuple(reference.shape[1:]), area)
     ref_pixels = reference_pixels(reference.permute(1, 2, 0), height, width)
     ref_latent = _vae_encode(vae, ref_pixels[:, None], torch.float32).to(device)
     pose = None
@@ -315,8 +341,6 @@ def generate_s2v(task: Union[str, TaskConfig], *, experts: "WanDiT", vae, text_e
     # a first clip that drops the motion tokens never reads the first buffer's latents
     motion_latent = None if drop_first_motion else _vae_encode(vae, buffer, work_dtype).to(device)
 
-    context, context_null = encode_prompts(text_encoder, prompt, negative_prompt, device,
-                                           move_encoder=offload_model and not t5_cpu)
     total = clips * steps
     out = []
     for r in range(clips):
@@ -327,14 +351,13 @@ def generate_s2v(task: Union[str, TaskConfig], *, experts: "WanDiT", vae, text_e
         clip_audio = features[..., r * frames_per_clip:(r + 1) * frames_per_clip]
         conditions = dict(ref_latent=ref_latent, motion_latent=None if first else motion_latent,
                           pose_latent=None if pose is None else pose[r])
-        dit.to(device)
+        place_dit(True)
         try:
             latent = _sample_clip(dit, noise, context, context_null, clip_audio, conditions, steps=steps, shift=shift,
                                   guide_scale=guide_scale, solver=solver,
                                   on_step=lambda i, x: _after_step(callback, check_interrupt, r * steps + i, total, x))
         finally:
-            if offload_model:
-                dit.to("cpu")
+            place_dit(False)
         prefix = ref_latent if first else motion_latent
         frames = vae.decode(torch.cat([prefix, latent.float()], dim=2).to(device=vae.device, dtype=vae.dtype))[0]
         frames = frames[:, -frames_per_clip:]
