@@ -4,7 +4,7 @@ file). The node must produce what wan_core.pipeline.generate produces from the s
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +17,7 @@ from wan_core.testing import (write_audio_encoder_checkpoint, write_dit_checkpoi
                               write_vae_checkpoint)
 
 
-def _import_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pack = _import_sibling("test_workflows").load_pack()
+pack = runpy.run_path(str(Path(__file__).with_name("test_workflows.py")))["load_pack"]()  # as ComfyUI imports it
 host = importlib.import_module("comfyui_wan22_pack.nodes.host")
 nodes = pack.NODE_CLASS_MAPPINGS
 

@@ -52,32 +52,25 @@ def load_audio(source: AudioInput) -> np.ndarray:
 def read_audio_file(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
     """An audio file as it is: ([channels, samples] float32, its own sample rate), for muxing
     the speech into the video."""
-    import librosa
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
-    try:
-        waveform, sample_rate = librosa.load(path, sr=None, mono=False)
-    except Exception as e:  # soundfile, audioread and librosa each raise their own kinds
-        raise ValueError(f"{path} is not a readable audio file ({type(e).__name__}: {e}); convert it to wav, "
-                         f"flac or mp3") from None
-    waveform = np.atleast_2d(np.asarray(waveform, dtype=np.float32))
-    _checked(waveform, str(path))
-    return waveform, int(sample_rate)
+    waveform, sample_rate = _librosa_load(Path(path), sr=None, mono=False)
+    return np.atleast_2d(waveform), int(sample_rate)
 
 
 def _load_file(path: Path) -> np.ndarray:
+    return _librosa_load(path, sr=SAMPLE_RATE, mono=True)[0]
+
+
+def _librosa_load(path: Path, **options) -> tuple[np.ndarray, int]:
     import librosa
 
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
-        waveform, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True)
+        waveform, sample_rate = librosa.load(path, **options)
     except Exception as e:  # soundfile, audioread and librosa each raise their own kinds
         raise ValueError(f"{path} is not a readable audio file ({type(e).__name__}: {e}); convert it to wav, "
                          f"flac or mp3") from None
-    return _checked(np.ascontiguousarray(waveform, dtype=np.float32), str(path))
+    return _checked(np.ascontiguousarray(waveform, dtype=np.float32), str(path)), sample_rate
 
 
 def _as_array(waveform, what: str) -> np.ndarray:
