@@ -226,12 +226,12 @@ def motion_positions(h2: int, w2: int) -> list[tuple[torch.Tensor, torch.Tensor,
     """(frame, row, column) RoPE positions of each frame-pack scale, newest first, for a latent
     of h2 x w2 patches (h/2, w/2).
 
-    A scale of n latents with temporal stride k sits in the n frames before the newer scales
-    (end = -(latents of the newer scales), start = end - n); its n/k slots take
-    int(linspace(-start, -end - k... )) -- in numbers: -1 (newest latent), -3 (next 2), and
-    -19, -14, -9, -4 (the oldest 16 in four slots). Rows and columns of the coarse scales are
-    int(linspace(0, h2 - 1, h2 / k')) for spatial stride k' = 2, 4: spread over the whole grid,
-    truncated, not a coarse grid of their own."""
+    A scale of n latents in n/k temporal slots spans the n positions before the newer scales,
+    -start .. -start + n - 1 with start = n + (latents of the newer scales), and its slots take
+    -int(linspace(start, start - n + 1, n/k)): -1 for the newest latent, -3 for the next 2, and
+    -19, -14, -9, -4 for the oldest 16 (not consecutive). Rows of a scale with spatial stride k
+    are int(linspace(0, h2 - 1, h2 / k)), spread over the whole grid and truncated, not a
+    coarse grid of their own (columns likewise)."""
     positions = []
     newer = 0
     for latents, stride in zip(reversed(PACK_LATENTS), reversed(PACK_STRIDES)):
@@ -299,8 +299,9 @@ class S2VForward:
     def _encode_audio(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This clip's features behind 73 copies of their first frame (the motion frames' span),
         encoded; the first 19 outputs (the prefix's) dropped: one entry per latent frame."""
+        features = features.to(self.model.device)
         prefix = features[..., :1].expand(*features.shape[:-1], self.model.config.motion_frames)
-        tokens, vectors = self.model.casual_audio_encoder(torch.cat([prefix, features.to(self.model.device)], dim=-1))
+        tokens, vectors = self.model.casual_audio_encoder(torch.cat([prefix, features], dim=-1))
         return tokens[:, self.motion_latents:], vectors[:, self.motion_latents:, 0]
 
     def add_pose(self, embedded: torch.Tensor) -> torch.Tensor:
