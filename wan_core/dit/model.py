@@ -322,7 +322,7 @@ class WanDiT(nn.Module):
         for index, block in enumerate(self.blocks):
             tokens = block(tokens, time_mod, context, rope, self.attention_backend, segments)
             if s2v is not None:
-                tokens = s2v.after_block(index, tokens)
+                tokens = s2v.after_block(index, tokens, self.attention_backend)
         return self._unpatchify(self.head(tokens[:, :num_tokens], time_emb), grid)
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -342,7 +342,7 @@ class S2VForward:
         missing = self.motion_latents - motion.shape[2]
         return F.pad(motion, (0, 0, 0, 0, missing, 0)) if missing else motion
 
-    def after_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+    def after_block(self, index: int, tokens: torch.Tensor, backend: str) -> torch.Tensor:
         """Audio injection after block `index` (when it is an injection layer): each latent frame's
         noisy tokens attend to that frame's audio tokens; the result is added to them."""
         injector = self.injectors.get(index)
@@ -354,7 +354,7 @@ class S2VForward:
         noisy = tokens[:, :self.num_noisy].flatten(0, 1).unflatten(0, (-1, self.num_noisy // frames))
         audio = self.audio_tokens.flatten(0, 1).to(dtype)
         normed = model.audio_injector.injector_adain_layers[injector](noisy, self.audio_vectors.flatten(0, 1))
-        attended = model.audio_injector.injector[injector](normed.to(dtype), audio, None, model.attention_backend)
+        attended = model.audio_injector.injector[injector](normed.to(dtype), audio, None, backend)
         tokens[:, :self.num_noisy] += attended.float().reshape(tokens.shape[0], self.num_noisy, -1)
         return tokens
 
