@@ -14,8 +14,10 @@ Facts and sharp edges: docs/s2v-facts.md §5. Two that decide the output:
   reference's output and `generate` keeps it; `audio_for_video(..., correct_lead=True)` starts
   the sound 3 frames late instead.
 
-On a GPU the latents, the audio features, the pose pixels and the motion buffer are held in the
-DiT's dtype (bf16), as the reference's autocast holds them; on the CPU in float32.
+On a GPU the latents, the audio features, the pose pixels and the first motion buffer (gray, or
+holding the reference image) are held in the DiT's dtype (bf16), as the reference holds them;
+the buffers of later clips (decoded frames) stay float32, as in the reference, which casts them
+to its latents' dtype. On the CPU everything is float32.
 """
 from __future__ import annotations
 
@@ -366,8 +368,9 @@ def s2v_clips(task: TaskConfig, dit: "WanDiT", vae, context: list, context_null:
         out.append(frames.float().cpu())
         if r + 1 < clips:  # the next clip's motion memory: the last 73 decoded frames, re-encoded
             kept = min(motion_frames, frames.shape[1])
-            buffer = torch.cat([buffer[:, kept:], frames[:, -kept:].to(device=buffer.device, dtype=work_dtype)], dim=1)
-            motion_latent = _vae_encode(vae, buffer, work_dtype).to(device)
+            # float32 from here on: the reference casts the buffer to its latents' dtype
+            buffer = torch.cat([buffer[:, kept:].float(), frames[:, -kept:].float().to(buffer.device)], dim=1)
+            motion_latent = _vae_encode(vae, buffer, buffer.dtype).to(device)
     return torch.cat(out, dim=1)
 
 
