@@ -357,7 +357,8 @@ def s2v_clips(task: TaskConfig, dit: "WanDiT", vae, context: list, context_null:
         try:
             latent = _sample_clip(dit, noise, context, context_null, clip_audio, conditions, steps=steps, shift=shift,
                                   guide_scale=guide_scale, solver=solver,
-                                  on_step=lambda i, x: _after_step(callback, check_interrupt, r * steps + i, total, x))
+                                  on_step=lambda i, x, before=r * steps: _after_step(callback, check_interrupt,
+                                                                                     before + i, total, x))
         finally:
             place_dit(False)
         prefix = ref_latent if first else motion_latent
