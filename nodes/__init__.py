@@ -8,10 +8,10 @@ _PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _PACK_ROOT not in sys.path:
     sys.path.append(_PACK_ROOT)
 
-from . import loaders, lora, parallel, prompt_extend, samplers  # noqa: E402
+from . import loaders, lora, parallel, prompt_extend, s2v, samplers  # noqa: E402
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _module in (loaders, lora, samplers, parallel, prompt_extend):
+for _module in (loaders, lora, samplers, parallel, prompt_extend, s2v):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

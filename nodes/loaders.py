@@ -109,7 +109,7 @@ class WanVAE:
 class W22ModelLoader:
     DESCRIPTION = ("Loads a Wan2.2 diffusion model (DiT) from models/diffusion_models in any layout "
                    "it ships in (ComfyUI repackaged fp16/fp8, official, diffusers) and detects which "
-                   "variant it is: T2V-A14B, I2V-A14B (each expert is a separate file) or TI2V-5B.")
+                   "variant it is: T2V-A14B, I2V-A14B (each expert is a separate file), TI2V-5B or S2V-14B.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("WANMODEL",)
     RETURN_NAMES = ("model",)

@@ -225,6 +225,8 @@ def test_object_info_lists_every_node_with_its_types(object_info):
 def test_core_nodes_are_declared_as_the_offline_tests_assume(object_info):
     """test_workflows.py checks the workflows against CORE_NODE_INPUTS; this host must agree."""
     for name, sections in workflows.CORE_NODE_INPUTS.items():
+        if name in workflows.AUDIO_CORE_NODES and name not in object_info:
+            continue  # a host without torchaudio has no audio nodes (the S2V workflows need one)
         served = object_info[name]
         assert served["output"] == workflows.CORE_OUTPUTS[name], name
         for section, specs in sections.items():
@@ -239,7 +241,7 @@ def test_core_nodes_are_declared_as_the_offline_tests_assume(object_info):
 
 def test_example_workflows_are_listed_as_the_packs_templates(server):
     templates = server.get("/workflow_templates")
-    assert sorted(templates.get(PACK_LINK_NAME, [])) == sorted(n.removesuffix(".json") for n in workflows.WORKFLOWS)
+    assert sorted(templates.get(PACK_LINK_NAME, [])) == sorted(n.removesuffix(".json") for n in workflows.ALL_WORKFLOWS)
 
 
 @pytest.mark.parametrize("name", workflows.WORKFLOWS)

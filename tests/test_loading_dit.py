@@ -222,12 +222,12 @@ def test_incomplete_dit(checkpoints, tmp_path):
         load_dit(path)
 
 
-def test_s2v_is_detected_and_refused(checkpoints, tmp_path):
+def test_a_t2v_file_with_stray_s2v_tensors_is_an_incomplete_s2v(checkpoints, tmp_path):
     tensors = read_state_dict(checkpoints[("t2v", "comfy")])
     tensors.update({"casual_audio_encoder.weights": torch.zeros(1, 25, 1), "frame_packer.proj.weight": torch.zeros(2, 2)})
     path = tmp_path / "s2v.safetensors"
     save_file(tensors, str(path))
-    with pytest.raises(ValueError, match=r"s2v\.safetensors is a Wan2\.2 S2V-14B DiT .* not supported yet"):
+    with pytest.raises(ValueError, match=r"s2v\.safetensors: it has S2V tensors but not .*incomplete S2V-14B"):
         load_dit(path)
 
 

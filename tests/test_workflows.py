@@ -18,6 +18,12 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO_ROOT / "example_workflows"
 WORKFLOWS = ("t2v_A14B.json", "i2v_A14B.json", "ti2v_5B.json", "t2v_A14B_lightning.json", "i2v_A14B_lightning.json")
+S2V_WORKFLOWS = ("s2v_14B.json", "s2v_14B_pose.json")
+ALL_WORKFLOWS = WORKFLOWS + S2V_WORKFLOWS
+# The node that makes each workflow's frames, and the pack nodes it must have.
+FRAMES_FROM = {**{name: "W22Decode" for name in WORKFLOWS}, **{name: "W22SpeechToVideo" for name in S2V_WORKFLOWS}}
+REQUIRED_NODES = {**{name: {"W22ModelLoader", "W22MoESampler", "W22Decode"} for name in WORKFLOWS},
+                  **{name: {"W22ModelLoader", "W22AudioEncoderLoader", "W22SpeechToVideo"} for name in S2V_WORKFLOWS}}
 
 # Frontend-only nodes: the editor never sends them to the server.
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -30,9 +36,16 @@ CORE_NODE_INPUTS = {
     "SaveVideo": {"required": {"video": ("VIDEO", {}), "filename_prefix": ("STRING", {"default": "video/ComfyUI"}),
                                "format": (["auto", "mp4"], {"default": "auto"}),
                                "codec": (["auto", "h264"], {"default": "auto"})}},
+    # the S2V workflows'
+    "LoadAudio": {"required": {"audio": (["example.wav"], {"audio_upload": True})}},
+    "LoadVideo": {"required": {"file": (["example.mp4"], {"video_upload": True})}},
+    "GetVideoComponents": {"required": {"video": ("VIDEO", {})}},
 }
+# ComfyUI without torchaudio does not load its audio nodes (docs/comfy-host.md).
+AUDIO_CORE_NODES = {"LoadAudio"}
 CORE_NODES = set(CORE_NODE_INPUTS)
-CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"], "CreateVideo": ["VIDEO"], "SaveVideo": []}
+CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"], "CreateVideo": ["VIDEO"], "SaveVideo": [], "LoadAudio": ["AUDIO"],
+                "LoadVideo": ["VIDEO"], "GetVideoComponents": ["IMAGE", "AUDIO", "FLOAT"]}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODE_ACTIVE = 0
 
@@ -44,6 +57,8 @@ REPACKAGED = {
         "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
         "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
         "wan2.2_ti2v_5B_fp16.safetensors",
+        "wan2.2_s2v_14B_fp8_scaled.safetensors",
+        "wan2.2_s2v_14B_bf16.safetensors",
     },
     "text_encoders": {"umt5_xxl_fp8_e4m3fn_scaled.safetensors"},
     "vae": {"wan_2.1_vae.safetensors", "wan2.2_vae.safetensors"},
@@ -54,6 +69,7 @@ REPACKAGED = {
         "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
         "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors",
     },
+    "audio_encoders": {"wav2vec2_large_english_fp16.safetensors"},
 }
 
 
@@ -93,8 +109,10 @@ def extra_widget_values(spec: tuple | list) -> int:
     extra = 0
     if options.get("control_after_generate"):
         extra += 1
-    if options.get("image_upload"):
+    if options.get("image_upload") or options.get("video_upload"):
         extra += 1
+    if options.get("audio_upload"):
+        extra += 2  # the audio player and the upload button
     return extra
 
 
@@ -201,21 +219,21 @@ def node_outputs(pack_nodes, kind: str) -> list[str]:
     return list(pack_nodes[kind].RETURN_TYPES) if kind in pack_nodes else CORE_OUTPUTS[kind]
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
 def test_workflow_uses_only_registered_nodes(name, pack_nodes):
     types = {node["type"] for node in load_workflow(name)["nodes"]}
     unknown = types - set(pack_nodes) - CORE_NODES - VIRTUAL_NODES
     assert unknown == set(), f"{name}: node types neither ours nor in CORE_NODES: {unknown}"
-    assert {"W22ModelLoader", "W22MoESampler", "W22Decode"} <= types
+    assert REQUIRED_NODES[name] <= types
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
 def test_workflow_widget_values_are_valid(name, node_inputs):
     prompt = ui_to_api(load_workflow(name), node_inputs)
     assert widget_errors(prompt, node_inputs) == []
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
 def test_workflow_links_join_matching_types_and_end_in_a_saved_video(name, pack_nodes, node_inputs):
     workflow = load_workflow(name)
     nodes = {node["id"]: node for node in workflow["nodes"]}
@@ -233,7 +251,7 @@ def test_workflow_links_join_matching_types_and_end_in_a_saved_video(name, pack_
     save = _node(prompt, "SaveVideo")
     create = prompt[save["inputs"]["video"][0]]
     assert create["class_type"] == "CreateVideo"
-    assert prompt[create["inputs"]["images"][0]]["class_type"] == "W22Decode"
+    assert prompt[create["inputs"]["images"][0]]["class_type"] == FRAMES_FROM[name]
 
 
 @pytest.mark.parametrize("name, task", [("t2v_A14B.json", "t2v-A14B"), ("i2v_A14B.json", "i2v-A14B"),
@@ -290,3 +308,34 @@ def _node(prompt: dict, class_type: str) -> dict:
     found = [n for n in prompt.values() if n["class_type"] == class_type]
     assert len(found) == 1, f"expected one {class_type}, found {len(found)}"
     return found[0]
+
+
+@pytest.mark.parametrize("name", S2V_WORKFLOWS)
+def test_s2v_workflow_uses_the_release_files_and_reference_settings(name, node_inputs):
+    """The S2V graphs: release file names, the reference's sampling settings and negative prompt,
+    the whole audio (num_clips 0) in 80-frame clips, and a video with the node's sound at 16 fps."""
+    from wan_core.configs import S2V_NEGATIVE_PROMPT, TASKS
+
+    task = TASKS["s2v-14B"]
+    prompt = ui_to_api(load_workflow(name), node_inputs)
+    model = _node(prompt, "W22ModelLoader")["inputs"]["model_name"]
+    assert model in REPACKAGED["diffusion_models"] and model.startswith("wan2.2_s2v_14B"), model
+    assert _node(prompt, "W22AudioEncoderLoader")["inputs"]["audio_encoder_name"] in REPACKAGED["audio_encoders"]
+    assert _node(prompt, "W22VAELoader")["inputs"]["vae_name"] == "wan_2.1_vae.safetensors"
+    assert _node(prompt, "W22TextEncode")["inputs"]["negative"] == S2V_NEGATIVE_PROMPT
+    s2v_id = next(i for i, n in prompt.items() if n["class_type"] == "W22SpeechToVideo")
+    s2v = prompt[s2v_id]["inputs"]
+    assert (s2v["steps"], s2v["cfg"], s2v["shift"], s2v["solver"]) == (task.sample_steps, task.sample_guide_scale,
+                                                                      task.sample_shift, "unipc")
+    assert (s2v["num_clips"], s2v["frames_per_clip"], s2v["init_first_frame"]) == (0, 80, False)
+    assert (s2v["width"], s2v["height"]) in task.supported_sizes
+    assert prompt[s2v["audio"][0]]["class_type"] == "LoadAudio"
+    assert prompt[s2v["ref_image"][0]]["class_type"] == "LoadImage"
+    create = _node(prompt, "CreateVideo")["inputs"]
+    assert create["fps"] == task.sample_fps and create["audio"] == [s2v_id, 1] and create["images"] == [s2v_id, 0]
+    if name == "s2v_14B_pose.json":
+        pose = prompt[s2v["pose_video"][0]]
+        assert pose["class_type"] == "GetVideoComponents" and s2v["pose_video"][1] == 0
+        assert prompt[pose["inputs"]["video"][0]]["class_type"] == "LoadVideo"
+    else:
+        assert "pose_video" not in s2v

@@ -1,6 +1,6 @@
 """Headless generation: `python -m wan_core generate ...` (also the `wan22` command).
 
-The flags are the reference's generate.py flags for the T2V-A14B, I2V-A14B and TI2V-5B tasks,
+The flags are the reference's generate.py flags for the T2V-A14B, I2V-A14B, TI2V-5B and S2V-14B tasks,
 with the same defaults (each task's steps, shift, guide scale and frame count; a random seed
 when --base_seed is negative; --offload_model on for a single GPU), plus a few of our own:
 --negative_prompt, --boundary, --device, --quant, --allow_any_size and --save_latent.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import re
@@ -42,7 +43,7 @@ from wan_core.sampling.schedule import SOLVERS
 
 log = logging.getLogger("wan_core")
 
-GENERATE_TASKS = tuple(name for name, task in TASKS.items() if task.dit.model_type in ("t2v", "i2v", "ti2v"))
+GENERATE_TASKS = tuple(TASKS)
 QUANT_CHOICES = ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
 
@@ -72,8 +73,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="t2v-A14B", choices=GENERATE_TASKS, help="The task to run.")
     parser.add_argument("--size", default=None,
                         help="WIDTH*HEIGHT of the video (default: the task's largest landscape size, 1280*720 or "
-                             "1280*704). For i2v-A14B and ti2v-5B with --image only the area counts: the video "
-                             "keeps the image's aspect ratio.")
+                             "1280*704). For i2v-A14B and ti2v-5B with --image, and for s2v-14B, only the area "
+                             "counts: the video keeps the image's aspect ratio.")
     parser.add_argument("--frame_num", type=int, default=None,
                         help="Frames to generate, 4n+1 (default: 81, or 121 for ti2v-5B).")
     parser.add_argument("--ckpt_dir", required=True,
@@ -128,6 +129,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Shard the DiT weights over the processes with FSDP2 (each GPU holds 1/N of an expert).")
     parser.add_argument("--t5_fsdp", action="store_true",
                         help="Shard the umt5 text encoder's weights over the processes with FSDP2.")
+    s2v = parser.add_argument_group("s2v-14B (speech to video)")
+    s2v.add_argument("--audio", default=None, help="The speech to animate (wav, flac, mp3, ...); required for s2v-14B.")
+    s2v.add_argument("--pose_video", default=None, help="A pose video (e.g. DWPose renders) that drives the body.")
+    s2v.add_argument("--num_clip", type=int, default=None,
+                     help="Generate at most this many clips (default: as many as the audio needs).")
+    s2v.add_argument("--start_from_ref", action="store_true",
+                     help="Start the video from the reference image (the reference's init_first_frame).")
+    s2v.add_argument("--infer_frames", type=int, default=80, help="Frames per clip, a multiple of 4 (default 80).")
+    s2v.add_argument("--correct_audio_lead", action="store_true",
+                     help="Start the muxed sound 3 frames in, so each frame plays with the audio it was generated "
+                          "for (the reference's video leads its sound by 3 frames, 0.19 s).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +198,8 @@ def run_generate(args: argparse.Namespace) -> Path:
     from wan_core.video import write_video
 
     task = resolve_task(args.task)
+    if task.dit.model_type == "s2v":
+        return _run_s2v(args, task)
     size = parse_size(args.size) if args.size else default_size(task)
     frame_num = task.frame_num if args.frame_num is None else args.frame_num
     steps = task.sample_steps if args.sample_steps is None else args.sample_steps
@@ -214,11 +228,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     # several processes: the DiTs (and text encoder) wait on the CPU until each rank takes its share
     models = load_task_models(task, args.ckpt_dir, dtype=dtype, device=device, t5_cpu=args.t5_cpu,
                               offload_model=offload or world_size > 1, quant=args.quant)
-    for expert in models.experts if isinstance(models.experts, tuple) else (models.experts,):
-        expert.set_attention_backend(args.attention)
-    backend = resolve_backend(args.attention, device, dtype)
-    log.info("attention: %s%s", backend,
-             f" (auto: {auto_reason(device, dtype)})" if args.attention == AUTO else "")
+    _set_attention(models, args.attention, device, dtype)
     if args.compile:
         models.compile_blocks()
     if world_size > 1:
@@ -241,6 +251,74 @@ def run_generate(args: argparse.Namespace) -> Path:
     write_video(video, save_file, fps=task.sample_fps)
     log.info("saved %d frames of %dx%d at %d fps to %s", video.shape[1], video.shape[3], video.shape[2],
              task.sample_fps, save_file)
+    return save_file
+
+
+def _set_attention(models, attention: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every DiT the attention back-end asked for and log which one runs."""
+    for expert in models.experts if isinstance(models.experts, tuple) else (models.experts,):
+        expert.set_attention_backend(attention)
+    log.info("attention: %s%s", resolve_backend(attention, device, dtype),
+             f" (auto: {auto_reason(device, dtype)})" if attention == AUTO else "")
+
+
+def _run_s2v(args: argparse.Namespace, task) -> Path:
+    """s2v-14B: check, load the models (and the official folder's wav2vec2), generate clip by
+    clip, write the mp4 with the speech muxed in. As the reference's ffmpeg -shortest, the mp4
+    ends with the shorter of video and audio."""
+    from tqdm import tqdm
+
+    from wan_core.audio import read_audio_file
+    from wan_core.pipeline import audio_for_video, validate_s2v_request
+    from wan_core.video import write_video
+
+    size = parse_size(args.size) if args.size else default_size(task)
+    steps = task.sample_steps if args.sample_steps is None else args.sample_steps
+    validate_s2v_request(task, size=size, image=args.image, audio=args.audio, frames_per_clip=args.infer_frames,
+                         num_clips=args.num_clip, steps=steps, shift=args.sample_shift,
+                         guide_scale=args.sample_guide_scale, solver=args.sample_solver,
+                         allow_any_size=args.allow_any_size)
+    for flag, path in (("--image", args.image), ("--audio", args.audio), ("--pose_video", args.pose_video)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: file not found")
+    if args.ulysses_size > 1 or args.cfg_parallel or args.dit_fsdp or args.t5_fsdp:
+        raise ValueError(f"{task.name} runs on one GPU: drop --ulysses_size / --cfg_parallel / --dit_fsdp / --t5_fsdp")
+    if args.frame_num is not None or args.boundary is not None:
+        raise ValueError(f"{task.name} sets its length with --infer_frames and --num_clip and runs one model: "
+                         f"drop --frame_num / --boundary")
+    waveform, sample_rate = read_audio_file(args.audio)
+    seed = args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    offload = args.offload_model if args.offload_model is not None else device.type != "cpu"
+    dtype = torch.bfloat16 if args.convert_model_dtype else torch.float32
+    log.info("loading %s from %s (DiT %s, device %s, offload_model=%s)", task.name, args.ckpt_dir,
+             str(dtype).removeprefix("torch."), device, offload)
+    models = load_task_models(task, args.ckpt_dir, dtype=dtype, device=device, t5_cpu=args.t5_cpu,
+                              offload_model=offload, quant=args.quant)
+    _set_attention(models, args.attention, device, dtype)
+    if args.compile:
+        models.compile_blocks()
+
+    def on_step(done: int, total: int, latent) -> None:
+        bar.total = total
+        bar.update(1)
+
+    with tqdm(desc=task.name, unit="step", file=sys.stderr) as bar, StopOnCtrlC() as stop:
+        video = models.generate(
+            prompt=args.prompt, negative_prompt=args.negative_prompt, size=size, image=args.image, audio=args.audio,
+            pose_video=args.pose_video, num_clips=args.num_clip, frames_per_clip=args.infer_frames,
+            init_first_frame=args.start_from_ref, steps=steps, shift=args.sample_shift,
+            guide_scale=args.sample_guide_scale, solver=args.sample_solver, seed=seed,
+            allow_any_size=args.allow_any_size, callback=on_step, interrupt=stop)
+    fps = task.sample_fps
+    audio_frames = math.ceil(waveform.shape[1] / sample_rate * fps)
+    video = video[:, :min(video.shape[1], audio_frames)]
+    sound = audio_for_video(torch.from_numpy(waveform), sample_rate, video.shape[1], fps,
+                            correct_lead=args.correct_audio_lead).numpy()
+    save_file = Path(args.save_file or default_save_file(task.name, tuple(video.shape[:1:-1]), args.prompt))
+    write_video(video, save_file, fps=fps, audio=(sound, sample_rate))
+    log.info("saved %d frames of %dx%d at %d fps with the audio to %s", video.shape[1], video.shape[3],
+             video.shape[2], fps, save_file)
     return save_file
 
 

@@ -84,7 +84,7 @@ def cache_root(cache_dir: Optional[str] = None) -> Path:
 def _tiny_configs() -> dict:
     from wan_core.testing import tiny_dit_config, tiny_text_config, tiny_vae_config
 
-    return {"dit": {v: tiny_dit_config(v) for v in ("t2v", "i2v", "ti2v")},
+    return {"dit": {v: tiny_dit_config(v) for v in ("t2v", "i2v", "ti2v", "s2v")},
             "vae": {v: tiny_vae_config(v) for v in ("2.1", "2.2")},
             "text": tiny_text_config()}
 
@@ -108,6 +108,10 @@ def write_tiny_task_folder(folder: Path, task: TaskConfig, configs: dict) -> Pat
     write_text_encoder_checkpoint(folder / task.t5_checkpoint, "official", config=configs["text"])
     write_vae_checkpoint(folder / task.vae_checkpoint, task.vae_version, "official",
                          config=configs["vae"][task.vae_version])
+    if "wav2vec" in task.extra:  # S2V's audio encoder folder
+        from wan_core.testing import write_audio_encoder_checkpoint
+
+        write_audio_encoder_checkpoint(folder / task.extra["wav2vec"], "transformers")
     if not (folder / TOKENIZER_DIR).is_dir():
         raise RuntimeError(f"the text encoder factory wrote no {TOKENIZER_DIR} folder in {folder}")
     return folder

@@ -346,6 +346,14 @@ LAYOUT_CONVERSIONS: tuple[LayoutConversion, ...] = (
     # The VAEs' canonical names are the official ones (ComfyUI's repackaged files use them too).
     # diffusers' AutoencoderKLWan names differ between the two versions, told apart by the
     # decoder's resampler ("upsamplers.0" in Wan2.1, "upsampler" in Wan2.2).
+    # The audio encoder's canonical names are transformers' Wav2Vec2Model's. Wav2Vec2ForCTC
+    # folders (the official S2V release) put them behind "wav2vec2."; files saved before torch's
+    # weight_norm parametrization name the positional conv's weight norm weight_g / weight_v.
+    LayoutConversion("audio", "transformers_ctc", marker="wav2vec2.", renames=(("wav2vec2.", ""),)),
+    LayoutConversion("audio", "weight_norm_legacy", marker="encoder.pos_conv_embed.conv.weight_g", renames=(
+        ("encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
+        ("encoder.pos_conv_embed.conv.weight_v", "encoder.pos_conv_embed.conv.parametrizations.weight.original1"),
+    )),
     LayoutConversion("vae", "diffusers_2.1", marker="decoder.up_blocks.0.upsamplers.0.", renames=_vae21_renames()),
     LayoutConversion("vae", "diffusers_2.2", marker="decoder.up_blocks.0.upsampler.", renames=_vae22_renames()),
 )
@@ -561,13 +569,15 @@ _DIT_REQUIRED = ("patch_embedding.weight", "text_embedding.0.weight", "time_embe
                  "head.head.weight", "blocks.0.ffn.0.weight")
 
 
-def detect_dit_config(shapes: Mapping[str, Union[Sequence[int], torch.Tensor]]) -> DiTConfig:
+def detect_dit_config(shapes: Mapping[str, Union[Sequence[int], torch.Tensor]],
+                      folder_config: Optional[Mapping] = None) -> DiTConfig:
     """The `DiTConfig` of a DiT state dict in canonical names, from its names and shapes.
 
     `shapes` maps names to shapes (a state dict of tensors works too). in_dim and dim come from
     the patch embedding, the layer count from the block indices, ffn/text/frequency widths from
     their linears, heads from dim / 128; the variant from (in_dim, out_dim) (t2v 16->16, i2v
-    36->16, ti2v 48->48) or, for S2V, from its audio and frame-pack tensors.
+    36->16, ti2v 48->48) or, for S2V, from its audio and frame-pack tensors. `folder_config`:
+    the official folder's config.json, which decides S2V's audio injection layers.
     """
     shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes.items()}
     blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -588,8 +598,10 @@ def detect_dit_config(shapes: Mapping[str, Union[Sequence[int], torch.Tensor]]) 
                 qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
                 cross_attn_norm="blocks.0.norm3.weight" in shapes)
     if any(k.startswith(_S2V_MARKERS) for k in shapes):
+        from wan_core.dit.s2v import s2v_config
+
         base = next(t.dit for t in TASKS.values() if t.dit.model_type == "s2v")
-        return replace(base, **dims)
+        return s2v_config(replace(base, **dims), shapes, None if folder_config is None else dict(folder_config))
     for task in TASKS.values():
         if task.dit.model_type != "s2v" and (task.dit.in_dim, task.dit.out_dim) == (in_dim, out_dim):
             return replace(task.dit, **dims)
@@ -622,12 +634,9 @@ def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Uni
     try:
         plain, quantized = split_fp8(state_dict)
         shapes = {**{k: v.shape for k, v in plain.items()}, **{k: s.shape for k, (s, _) in quantized.items()}}
-        config = detect_dit_config(shapes)
+        config = detect_dit_config(shapes, _folder_config(source))
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
-    if config.model_type == "s2v":
-        raise ValueError(f"{name} is a Wan2.2 S2V-14B DiT (it has audio injection and frame-pack "
-                         f"tensors); loading S2V models is not supported yet")
 
     with torch.device("meta"):
         model = WanDiT(config)
@@ -659,6 +668,25 @@ def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Uni
     if quant in FP8_MATMUL_QUANTS:
         enable_fp8_matmul(model.blocks)
     return model.eval().requires_grad_(False)
+
+
+def _folder_config(source: Source) -> Optional[dict]:
+    """The config.json of an official model folder (given as the folder or its shard index),
+    or None. Single files (ComfyUI's) carry none: a config.json beside one is not read."""
+    if isinstance(source, Mapping):
+        return None
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent if path.name.lower().endswith(INDEX_SUFFIX) else None
+    config_path = None if folder is None else folder / "config.json"
+    if config_path is None or not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not readable JSON ({e}); restore the folder's config.json") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _check_names_and_shapes(expected: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size],

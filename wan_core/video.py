@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -39,11 +39,15 @@ def to_uint8_frames(video: VideoInput) -> np.ndarray:
     return (unit * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
 
 
-def write_video(video: VideoInput, path: Union[str, os.PathLike], fps: int, *, crf: int = 18) -> Path:
+def write_video(video: VideoInput, path: Union[str, os.PathLike], fps: int, *, crf: int = 18,
+                audio: Optional[tuple[np.ndarray, int]] = None) -> Path:
     """Encode `video` (see `to_uint8_frames`) as an H.264 mp4 at `fps` frames per second.
 
     H.264 in yuv420p needs even width and height (every Wan output size is a multiple of 16).
     `crf` is x264's constant-rate factor (lower is better quality, 18 is visually lossless).
+    `audio`: (waveform [channels, samples] or [samples] float in [-1, 1], sample rate), muxed
+    as AAC at 192 kb/s from t = 0 (what the reference's ffmpeg step writes for S2V); more than
+    two channels are mixed down to mono.
     Returns the path written; missing parent folders are created.
     """
     import av
@@ -62,10 +66,49 @@ def write_video(video: VideoInput, path: Union[str, os.PathLike], fps: int, *, c
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf)}
+        # every stream must exist before the first packet is muxed (the header is written then)
+        sound = None if audio is None else _audio_stream(container, *audio)
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush the encoder's delayed frames
+        if sound is not None:
+            audio_stream, audio_frame = sound
+            container.mux(audio_stream.encode(audio_frame))
+            container.mux(audio_stream.encode(None))  # flush
     return path
+
+
+AUDIO_BIT_RATE = 192_000
+
+
+def _audio_stream(container, waveform: np.ndarray, sample_rate: int):
+    """(AAC stream, the whole waveform as one frame) for `write_video`."""
+    import av
+
+    samples = np.asarray(waveform, dtype=np.float32)
+    samples = samples[None] if samples.ndim == 1 else samples
+    if samples.ndim != 2 or samples.shape[1] == 0:
+        raise ValueError(f"audio must be [channels, samples] with samples, got shape {samples.shape}")
+    if samples.shape[0] > 2:
+        samples = samples.mean(axis=0, keepdims=True)
+    layout = "stereo" if samples.shape[0] == 2 else "mono"
+    stream = container.add_stream("aac", rate=int(sample_rate))
+    stream.bit_rate, stream.layout = AUDIO_BIT_RATE, layout
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.clip(-1, 1)), format="fltp", layout=layout)
+    frame.sample_rate = int(sample_rate)
+    return stream, frame
+
+
+def read_audio_track(path: Union[str, os.PathLike]) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of a media file: ([channels, samples] float32, sample rate)."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{path} has no audio stream")
+        stream = container.streams.audio[0]
+        chunks = [frame.to_ndarray() for frame in container.decode(stream)]
+        return np.concatenate(chunks, axis=1).astype(np.float32), stream.sample_rate
 
 
 def read_video(path: Union[str, os.PathLike]) -> tuple[np.ndarray, float]:

@@ -48,15 +48,25 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, device: torch.device)
 
     Each axis has its own frequency ladder theta^(-2j/n_axis) over its n_axis channels (2 per
     pair), so the position along frames, rows and columns is encoded independently."""
-    angles = []
-    for axis, (size, pairs) in enumerate(zip(grid, rope_axis_sizes(head_dim))):
+    for axis, size in enumerate(grid):
         if size > ROPE_MAX_POSITIONS:
             raise ValueError(f"the latent has {size} positions along axis {'FHW'[axis]}; the model's "
                              f"position table holds {ROPE_MAX_POSITIONS}")
-        inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, 2 * pairs, 2, dtype=torch.float64, device=device) / (2 * pairs))
-        position = torch.arange(size, dtype=torch.float64, device=device)
+    return rope_angles_at([torch.arange(size, dtype=torch.float64, device=device) for size in grid], head_dim)
+
+
+def rope_angles_at(positions: Sequence[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """`rope_angles` for the grid of the given (frame, row, column) positions, which may be
+    negative or skip values (S2V's reference and motion tokens): [L, head_dim/2], float64.
+    A negative position rotates by the conjugate of the positive one."""
+    grid = tuple(len(p) for p in positions)
+    angles = []
+    for axis, (position, pairs) in enumerate(zip(positions, rope_axis_sizes(head_dim))):
+        position = position.to(torch.float64)
+        inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, 2 * pairs, 2, dtype=torch.float64,
+                                                     device=position.device) / (2 * pairs))
         shape = [1, 1, 1, pairs]
-        shape[axis] = size
+        shape[axis] = grid[axis]
         angles.append(torch.outer(position, inv_freq).view(shape).expand(*grid, pairs))
     return torch.cat(angles, dim=-1).reshape(math.prod(grid), head_dim // 2)
 
@@ -139,15 +149,28 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(self, x: torch.Tensor, time_mod: torch.Tensor, context: torch.Tensor,
-                rope: torch.Tensor, backend: str) -> torch.Tensor:
-        # x: float32 residual stream [B,L,D]; time_mod: [B,L or 1,6,D] float32
+                rope: torch.Tensor, backend: str, segments: Optional[Sequence[int]] = None) -> torch.Tensor:
+        # x: float32 residual stream [B,L,D]; time_mod: [B,L or 1,6,D] float32, or with
+        # `segments` (token counts summing to L) one row per segment [B,len(segments),6,D]
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time_mod).unbind(2)
-        h = modulate(self.norm1(x), shift_sa, scale_sa).to(dtype)
-        x = torch.addcmul(x, self.self_attn(h, h, rope, backend), gate_sa)
+        h = per_segment(modulate, (self.norm1(x),), (shift_sa, scale_sa), segments).to(dtype)
+        x = per_segment(torch.addcmul, (x, self.self_attn(h, h, rope, backend)), (gate_sa,), segments)
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, None, backend)
-        h = modulate(self.norm2(x), shift_ff, scale_ff).to(dtype)
-        return torch.addcmul(x, self.ffn(h), gate_ff)
+        h = per_segment(modulate, (self.norm2(x),), (shift_ff, scale_ff), segments).to(dtype)
+        return per_segment(torch.addcmul, (x, self.ffn(h)), (gate_ff,), segments)
+
+
+def per_segment(op, tokens: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor],
+                segments: Optional[Sequence[int]]) -> torch.Tensor:
+    """op(*tokens, *vectors) over tokens [B,L,·]. With `segments` the tokens come in runs of
+    those lengths and each vector [B,len(segments),D] holds one row per run (S2V's reference
+    and motion tokens take the timestep-0 modulation): one pass per run, so no per-token copy
+    of the vectors is made."""
+    if segments is None:
+        return op(*tokens, *vectors)
+    runs = zip(*(t.split(list(segments), dim=1) for t in tokens))
+    return torch.cat([op(*run, *(v[:, i:i + 1] for v in vectors)) for i, run in enumerate(runs)], dim=1)
 
 
 class Head(nn.Module):
@@ -175,7 +198,8 @@ Context = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 class WanDiT(nn.Module):
-    """The Wan2.2 transformer for t2v / i2v (14B experts) and ti2v (5B); see `forward`."""
+    """The Wan2.2 transformer for t2v / i2v (14B experts), ti2v (5B) and s2v (14B with the
+    plug-in of wan_core.dit.s2v); see `forward`."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -192,6 +216,10 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
+        if config.model_type == "s2v":
+            from wan_core.dit.s2v import add_s2v_modules
+
+            add_s2v_modules(self, config)
         self._weight_patches: Optional[WeightPatches] = None
         self._base_tensors: dict[str, torch.Tensor] = {}  # base values of the patched entries
         self.sequence_parallel = None  # wan_core.parallel.SequenceParallel: the tokens split over ranks
@@ -247,7 +275,9 @@ class WanDiT(nn.Module):
         return self.patch_embedding.weight.device
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context, *,
-                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+                y: Optional[torch.Tensor] = None, ref_latent: Optional[torch.Tensor] = None,
+                audio_features: Optional[torch.Tensor] = None, motion_latent: Optional[torch.Tensor] = None,
+                pose_latent: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predict the flow (noise - data) for latents `x` at timesteps `t`.
 
         x: [B, C, F, H, W] latents (C + C_y = config.in_dim). t: [B] timesteps in 0..1000, or
@@ -256,8 +286,21 @@ class WanDiT(nn.Module):
         text_len as the reference does (the padding is attended to, not masked). y: [B, C_y,
         F, H, W] i2v conditioning, concatenated to x on channels. Returns [B, out_dim, F, H, W]
         in float32.
+
+        S2V models (one clip; see wan_core.dit.s2v): ref_latent [B, 16, 1, H, W] the reference
+        image's latent, audio_features [B, 25, C_a, 4F] this clip's wav2vec2 features (zeros for
+        the unconditional pass), motion_latent [B, 16, 19, H, W] the re-encoded last 73 frames or
+        None (the first clip: no motion tokens), pose_latent [B, 16, F, H, W] or None (no pose).
         """
         config = self.config
+        s2v = None
+        if config.model_type == "s2v":
+            from wan_core.dit.s2v import S2VForward
+
+            s2v = S2VForward(self, x, t, ref_latent, audio_features, motion_latent, pose_latent)
+        elif any(v is not None for v in (ref_latent, audio_features, motion_latent, pose_latent)):
+            raise ValueError(f"ref_latent, audio_features, motion_latent and pose_latent are S2V inputs; this is "
+                             f"a {config.model_type} model")
         if y is not None:
             if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
                 raise ValueError(f"y has shape {tuple(y.shape)}; it must match x {tuple(x.shape)} in batch, "
@@ -266,22 +309,34 @@ class WanDiT(nn.Module):
         self._check_input(x)
         batch = x.shape[0]
         grid = tuple(s // p for s, p in zip(x.shape[2:], config.patch_size))
-        tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()
+        embedded = self.patch_embedding(x.to(self.dtype))
+        if s2v is not None:
+            embedded = s2v.add_pose(embedded)
+        tokens = embedded.flatten(2).transpose(1, 2)
         split = self.sequence_parallel
         if split is not None:  # this rank keeps its share of the tokens until the gather
+            if s2v is not None:
+                raise ValueError("S2V models do not run sequence-parallel yet: run S2V on one GPU")
             split.begin(tokens.shape[1])
             tokens, t = split.split_tokens(tokens), split.split_timesteps(t)
+        num_tokens = tokens.shape[1]
 
-        time_emb, time_mod = self._time_embedding(t, batch, tokens.shape[1])
+        time_emb, time_mod = self._time_embedding(t, batch, num_tokens)
         context = self._embed_text(context, batch)
         angles = rope_angles(grid, config.head_dim, x.device)
+        segments = None
+        if s2v is not None:
+            tokens, angles, time_mod, segments = s2v.extend(tokens, angles, time_mod, t)
+        tokens = tokens.float()
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
         if split is not None:
             rope = split.split_rope(rope)  # the shard's true positions
         backend = resolve_backend(self.attention_backend, x.device, self.dtype)  # outside compiled blocks
-        for block in self.blocks:
-            tokens = block(tokens, time_mod, context, rope, backend)
-        out = self.head(tokens, time_emb)
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens, time_mod, context, rope, backend, segments)
+            if s2v is not None:
+                tokens = s2v.after_block(index, tokens, backend)
+        out = self.head(tokens[:, :num_tokens], time_emb)
         return self._unpatchify(out if split is None else split.gather(out), grid)
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -30,6 +30,7 @@ class TaskModels:
     device: torch.device
     offload_model: bool = False
     t5_cpu: bool = False
+    audio_encoder: object = None  # S2V's wav2vec2
 
     def compile_blocks(self) -> None:
         """torch.compile every expert's transformer blocks (`WanDiT.compile_blocks`)."""
@@ -37,6 +38,8 @@ class TaskModels:
             expert.compile_blocks()
 
     def generate(self, **request) -> torch.Tensor:
+        if self.audio_encoder is not None:
+            request.setdefault("audio_encoder", self.audio_encoder)
         return generate(self.task, experts=self.experts, vae=self.vae, text_encoder=self.text_encoder,
                         device=self.device, offload_model=self.offload_model, t5_cpu=self.t5_cpu, **request)
 
@@ -62,12 +65,16 @@ def checkpoint_files(task: Union[str, TaskConfig], ckpt_dir: Union[str, os.PathL
         dits = {"dit": root}
     files = {**dits, "text_encoder": root / task.t5_checkpoint, "tokenizer": root / TOKENIZER_DIR,
              "vae": root / task.vae_checkpoint}
+    if "wav2vec" in task.extra:  # S2V's audio encoder, a transformers folder
+        files["audio_encoder"] = root / task.extra["wav2vec"]
     missing = [f"{path.name}/ (a folder of diffusion_pytorch_model*.safetensors shards)" if role != "dit"
                else f"diffusion_pytorch_model*.safetensors (the {task.name} DiT shards)"
                for role, path in dits.items() if not _has_dit_weights(path)]
     missing += [path.name for path in (files["text_encoder"], files["vae"]) if not path.is_file()]
     if not files["tokenizer"].is_dir():
         missing.append(f"{TOKENIZER_DIR.as_posix()}/ (the umt5 tokenizer folder)")
+    if "audio_encoder" in files and not (files["audio_encoder"] / "config.json").is_file():
+        missing.append(f"{task.extra['wav2vec']}/ (the wav2vec2 audio encoder folder)")
     if missing:
         raise FileNotFoundError(f"{root} is not a complete official {task.name} folder; missing: "
                                 f"{'; '.join(missing)}. Download the whole Wan2.2 {task.name} release into it")
@@ -92,8 +99,6 @@ def load_task_models(task: Union[str, TaskConfig], ckpt_dir: Union[str, os.PathL
     from wan_core.vae import load_vae
 
     task = resolve_task(task)
-    if task.dit.model_type not in ("t2v", "i2v", "ti2v"):
-        raise ValueError(f"{task.name} is not supported by this pipeline yet; choose t2v-A14B, i2v-A14B or ti2v-5B")
     files = checkpoint_files(task, ckpt_dir)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cpu = torch.device("cpu")
@@ -110,5 +115,11 @@ def load_task_models(task: Union[str, TaskConfig], ckpt_dir: Union[str, os.PathL
     vae = load_vae(files["vae"], dtype=vae_dtype, device=device)
     if vae.version != task.vae_version:
         raise ValueError(f"{files['vae']} is a Wan{vae.version} VAE; {task.name} needs the Wan{task.vae_version} VAE")
+    audio_encoder = None
+    if "audio_encoder" in files:  # float32 on the CPU, as the reference runs it
+        from wan_core.audio import load_audio_encoder
+
+        audio_encoder = load_audio_encoder(files["audio_encoder"])
     return TaskModels(task=task, experts=experts if task.is_moe else experts[0], vae=vae,
-                      text_encoder=text_encoder, device=device, offload_model=offload_model, t5_cpu=t5_cpu)
+                      text_encoder=text_encoder, device=device, offload_model=offload_model, t5_cpu=t5_cpu,
+                      audio_encoder=audio_encoder)

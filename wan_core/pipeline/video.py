@@ -65,7 +65,7 @@ def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encode
              solver: str = "unipc", seed: int = 0, callback: Optional[StepCallback] = None,
              interrupt: Optional[Callable[[], bool]] = None, device: Union[str, torch.device, None] = None,
              offload_model: bool = False, t5_cpu: bool = False, allow_any_size: bool = False,
-             output: str = "video") -> torch.Tensor:
+             output: str = "video", **s2v_inputs) -> torch.Tensor:
     """Generate one video; returns [3, F, H, W] in [-1, 1] (or with output="latent" the final
     latent [1, C, F', H', W'] before decoding).
 
@@ -80,10 +80,26 @@ def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encode
     `device`: where sampling runs (default: the VAE's device). `offload_model`: keep the DiTs
     (and, unless `t5_cpu`, the text encoder) on the CPU and move each to `device` only while it
     runs. `t5_cpu`: the text encoder runs where it is (the CPU) and only its output moves.
+
+    s2v-14B takes its own inputs (audio, audio_encoder, pose_video, num_clips, frames_per_clip,
+    init_first_frame) instead of frame_num and boundary: `wan_core.pipeline.s2v.generate_s2v`.
     """
     from wan_core.sampling import sample
 
     task = resolve_task(task)
+    if task.dit.model_type == "s2v":
+        from wan_core.pipeline.s2v import generate_s2v
+
+        if frame_num is not None or boundary is not None or output != "video":
+            raise ValueError(f"{task.name} sets its length with frames_per_clip and num_clips and runs one model: "
+                             f"frame_num, boundary and output do not apply")
+        return generate_s2v(task, experts=experts, vae=vae, text_encoder=text_encoder, prompt=prompt,
+                            negative_prompt=negative_prompt, image=image, size=size, steps=steps, shift=shift,
+                            guide_scale=guide_scale, solver=solver, seed=seed, callback=callback, interrupt=interrupt,
+                            device=device, offload_model=offload_model, t5_cpu=t5_cpu,
+                            allow_any_size=allow_any_size, **s2v_inputs)
+    if s2v_inputs:
+        raise TypeError(f"generate() got inputs {sorted(s2v_inputs)} that only s2v-14B takes")
     size = parse_size(size if size is not None else default_size(task))
     frame_num = task.frame_num if frame_num is None else frame_num
     validate_request(task, size=size, frame_num=frame_num, image=image, steps=steps, shift=shift,

@@ -24,19 +24,29 @@ from wan_core.testing.files import random_state_dict, write_single_file
 
 DIT_LAYOUTS = ("official", "comfy", "comfy_prefixed", "comfy_fp8_scaled", "comfy_fp8_quant", "diffusers",
                "diffusers_file", "pth")
+S2V_LAYOUTS = ("official", "comfy", "comfy_prefixed", "comfy_fp8_scaled", "comfy_fp8_quant")
 _FOLDER_LAYOUTS = ("official", "diffusers")
 _COMFY_PREFIX = "model.diffusion_model."
 
 # Linear layers ComfyUI's fp8 files store in fp8: the blocks' attention and MLP matrices and
 # the embedding MLPs (patch embedding, head and norms stay in higher precision).
-_FP8_LAYERS = r"(blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02]|text_embedding\.[02]|time_embedding\.[02]|time_projection\.1)"
+# S2V's audio cross-attentions are quantized too, so fp8 outside the blocks is exercised.
+_FP8_LAYERS = r"(blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02]|text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|audio_injector\.injector\.\d+\.[qkvo])"
+
+
+# S2V files without a config.json (ComfyUI's) get the 14B's injection layers, which need 40
+# blocks: the tiny S2V keeps them and is narrow instead (one head of 128).
+TINY_S2V_AUDIO_DIM = 64  # the tiny wav2vec2's width (a multiple of its 64-wide heads)
 
 
 def tiny_dit_config(variant: str) -> DiTConfig:
-    """A small DiT of `variant` ("t2v", "i2v", "ti2v") whose weights still say what it is:
+    """A small DiT of `variant` ("t2v", "i2v", "ti2v", "s2v") whose weights still say what it is:
     head size 128 (the loader infers heads from width) and the variant's real channel counts."""
-    return task_for_model_type(variant).dit.tiny(dim=256, num_heads=2, ffn_dim=384, text_dim=24, freq_dim=16,
-                                                  num_layers=2)
+    base = task_for_model_type(variant).dit
+    if variant == "s2v":
+        return base.tiny(dim=128, num_heads=1, ffn_dim=128, text_dim=24, freq_dim=16, num_layers=base.num_layers,
+                         audio_dim=TINY_S2V_AUDIO_DIM, audio_inject_layers=base.audio_inject_layers)
+    return base.tiny(dim=256, num_heads=2, ffn_dim=384, text_dim=24, freq_dim=16, num_layers=2)
 
 
 def dit_state_dict(config: DiTConfig, *, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -51,7 +61,8 @@ def dit_state_dict(config: DiTConfig, *, dtype: torch.dtype = torch.float32, see
 
     def kind(name: str, shape: torch.Size) -> str:
         module = name.split(".")[-2] if "." in name else ""
-        if module.startswith("norm") and name.endswith(".weight"):
+        # S2V's audio layer mix is divided by its sum: keep it away from zero like a gain
+        if (module.startswith("norm") and name.endswith(".weight")) or name == "casual_audio_encoder.weights":
             return "gain"
         return "matrix" if len(shape) >= 2 and not name.endswith("modulation") else "other"
 
@@ -118,6 +129,8 @@ def write_dit_checkpoint(path: Union[str, Path], variant: str, layout: str, *, d
     config = config or tiny_dit_config(variant)
     if config.model_type != variant:
         raise ValueError(f"config is a {config.model_type} DiT but variant {variant!r} was asked for")
+    if variant == "s2v" and layout not in S2V_LAYOUTS:
+        raise ValueError(f"S2V ships in the layouts {S2V_LAYOUTS} (there is no diffusers S2V), not {layout!r}")
     tensors, metadata = layout_state_dict(dit_state_dict(config, seed=seed), layout, dtype=dtype)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     path = Path(path)
@@ -149,7 +162,14 @@ def _official_config_json(config: DiTConfig) -> dict:
     fields = ("model_type", "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
               "num_heads", "num_layers", "qk_norm", "cross_attn_norm", "eps")
     values = asdict(config)
-    return {"_class_name": "WanModel", **{k: values[k] for k in fields}, "window_size": [-1, -1]}
+    out = {"_class_name": "WanModel", **{k: values[k] for k in fields}, "window_size": [-1, -1]}
+    if config.model_type == "s2v":  # the reference's WanModel_S2V config.json (wan_s2v_14B.py's values)
+        out.update(_class_name="WanModel_S2V", cond_dim=config.cond_dim, audio_dim=config.audio_dim,
+                   num_audio_token=4, enable_adain=True, adain_mode="attn_norm",
+                   audio_inject_layers=list(config.audio_inject_layers), zero_init=True, zero_timestep=True,
+                   enable_motioner=False, add_last_motion=True, enable_tsm=False, trainable_token=False,
+                   trainable_token_pos_emb=False, enable_framepack=True, framepack_drop_mode="padd")
+    return out
 
 
 def _diffusers_config_json(config: DiTConfig) -> dict:
