@@ -7,13 +7,16 @@ when --base_seed is negative; --offload_model on for a single GPU), plus a few o
 official release folder (e.g. Wan2.2-T2V-A14B/ with high_noise_model/, low_noise_model/, the
 umt5 .pth, google/umt5-xxl/ and the VAE .pth).
 
-Ctrl-C during sampling stops after the current step without writing a video; a second Ctrl-C
-stops at once.
+Everything that needs no model (the request, the image, the device, the output path) is
+checked before any model loads. Ctrl-C during sampling or decoding stops after the current step
+(or decoded latent frame) without writing a video; a second Ctrl-C stops at once, as does one
+while the video is written (an existing file at --save_file is then left as it was).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import re
 import signal
@@ -26,11 +29,14 @@ from typing import Optional, Sequence
 import torch
 
 from wan_core.configs import TASKS
-from wan_core.pipeline import (GenerationInterrupted, default_size, format_size, load_task_models, parse_size,
-                               resolve_task, validate_request)
+from wan_core.pipeline import (GenerationInterrupted, Request, check_device, default_size, format_size,
+                               load_task_models)
+from wan_core.sampling import GuideScale
 from wan_core.sampling.schedule import SOLVERS
+from wan_core.video import VIDEO_FORMATS, OutputLock, check_output_path, write_video
 
 log = logging.getLogger("wan_core")
+DEBUG_ENV = "WAN22_DEBUG"
 
 GENERATE_TASKS = tuple(name for name, task in TASKS.items() if task.dit.model_type in ("t2v", "i2v", "ti2v"))
 QUANT_CHOICES = ("fp8_e4m3fn", "fp8_e5m2")
@@ -46,7 +52,8 @@ def _str2bool(value: str) -> bool:
 
 
 def _guide_scale(value: str):
-    """"5.0" -> 5.0; "3.0,4.0" -> (low_noise, high_noise) like the reference config."""
+    """"5.0" -> 5.0; "3.0,4.0" -> GuideScale(low_noise=3.0, high_noise=4.0), the reference config's
+    order. Non-finite numbers are refused by the request check."""
     try:
         numbers = [float(part) for part in value.split(",")]
     except ValueError:
@@ -54,7 +61,7 @@ def _guide_scale(value: str):
     if len(numbers) == 1:
         return numbers[0]
     if len(numbers) == 2:
-        return tuple(numbers)
+        return GuideScale(*numbers)
     raise argparse.ArgumentTypeError(f"expected a number or LOW,HIGH (e.g. 3.0,4.0), got {value!r}")
 
 
@@ -95,8 +102,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boundary", type=float, default=None,
                         help="MoE hand-off as a fraction of 1000 timesteps (default: 0.875 t2v, 0.9 i2v).")
     parser.add_argument("--base_seed", type=int, default=-1, help="Noise seed; negative picks a random one.")
-    parser.add_argument("--save_file", default=None, help="The mp4 to write (default: a name from task, size, "
-                                                          "prompt and time).")
+    parser.add_argument("--save_file", default=None,
+                        help=f"The video to write, {'/'.join(VIDEO_FORMATS)} (default: an mp4 named from task, size, "
+                             f"prompt and time). Checked before any model loads; written to a temporary file and "
+                             f"renamed into place when complete, so an existing file is never left half-written.")
     parser.add_argument("--device", default=None, help="Where sampling runs (default: cuda if available, else cpu).")
     parser.add_argument("--quant", default=None, choices=QUANT_CHOICES,
                         help="Keep the DiT block weights in fp8 (per-tensor scale, bf16/fp32 compute).")
@@ -125,22 +134,34 @@ def default_save_file(task: str, size: tuple[int, int], prompt: str) -> str:
     return f"{task}_{size[0]}x{size[1]}_{words}_{datetime.now().strftime('%Y%m%d_%H%M%S')}.mp4"
 
 
+# The names the CLI shows for a request's fields (wan_core.pipeline.Request's messages).
+CLI_NAMES = {"size": "--size", "frame_num": "--frame_num", "image": "--image", "steps": "--sample_steps",
+             "shift": "--sample_shift", "guide_scale": "--sample_guide_scale", "boundary": "--boundary",
+             "solver": "--sample_solver", "seed": "--base_seed"}
+# What the first Ctrl-C waits for, by phase; while the video is written it stops at once (the
+# temporary file is dropped, an existing file stays as it was).
+STOP_POINTS = {"sampling": "this step", "decoding": "this latent frame is decoded"}
+
+
 class StopOnCtrlC:
-    """While active, the first Ctrl-C only asks to stop (checked after each sampling step); a
-    second one interrupts at once. Does nothing outside the main thread."""
+    """While active, the first Ctrl-C only asks to stop (checked after each sampling step and
+    each decoded latent frame); a second one interrupts at once, and so does the first while
+    the video is being written (`phase = "writing"`). Does nothing outside the main thread."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.phase = "sampling"
         self._previous = None
 
     def __call__(self) -> bool:
         return self.requested
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested or self.phase not in STOP_POINTS:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (press Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        print(f"\nstopping after {STOP_POINTS[self.phase]}; no video will be written (press Ctrl-C again to stop "
+              f"now)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopOnCtrlC":
         if threading.current_thread() is threading.main_thread():
@@ -152,42 +173,78 @@ class StopOnCtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def check_args(args: argparse.Namespace) -> tuple[Request, torch.device]:
+    """Every check that needs no model: the request (image decoded), the device, the output."""
+    request = Request.check(args.task, size=args.size, frame_num=args.frame_num, image=args.image,
+                            steps=args.sample_steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
+                            boundary=args.boundary, solver=args.sample_solver,
+                            seed=args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize),
+                            allow_any_size=args.allow_any_size, names=CLI_NAMES)
+    device = check_device(args.device, "--device")
+    if args.save_file is not None:
+        check_output_path(args.save_file, "--save_file")
+    return request, device
+
+
 def run_generate(args: argparse.Namespace) -> Path:
-    """Check the request, load the task's models, generate with a progress bar, write the mp4.
-    Returns the path written."""
+    """Check the request and the output path, load the task's models, generate with progress
+    bars, write the video atomically. Returns the path written."""
+    request, device = check_args(args)
+    task = request.task
+    save_file = args.save_file or default_save_file(task.name, request.video_size, args.prompt)
+    check_output_path(save_file, "--save_file")
+    workload = request.workload()
+    log.info("work: %s", workload.describe())
+    if workload.oversized > 1:
+        log.warning("%s is %.1fx the tokens of %s's largest trained size (%s, %d frames): expect %.0fx the time "
+                    "per step or more, and check the memory above", format_size(request.video_size),
+                    workload.oversized, task.name, format_size(default_size(task)), task.frame_num,
+                    workload.oversized)
+    with OutputLock(save_file, unique=args.save_file is None, what="--save_file") as reserved:
+        return _generate_and_write(args, request, device, reserved.path)
+
+
+def _generate_and_write(args: argparse.Namespace, request: Request, device: torch.device, save_file: Path) -> Path:
     from tqdm import tqdm
 
-    from wan_core.video import write_video
-
-    task = resolve_task(args.task)
-    size = parse_size(args.size) if args.size else default_size(task)
-    frame_num = task.frame_num if args.frame_num is None else args.frame_num
-    steps = task.sample_steps if args.sample_steps is None else args.sample_steps
-    validate_request(task, size=size, frame_num=frame_num, image=args.image, steps=steps, shift=args.sample_shift,
-                     guide_scale=args.sample_guide_scale, boundary=args.boundary, solver=args.sample_solver,
-                     allow_any_size=args.allow_any_size)
-    if args.image is not None and not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image}: file not found")
-    seed = args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    task, settings = request.task, request.sampling
     offload = args.offload_model if args.offload_model is not None else device.type != "cpu"
     dtype = torch.bfloat16 if args.convert_model_dtype else torch.float32
-
     log.info("loading %s from %s (DiT %s, device %s, offload_model=%s, t5_cpu=%s)", task.name, args.ckpt_dir,
              str(dtype).removeprefix("torch."), device, offload, args.t5_cpu)
     models = load_task_models(task, args.ckpt_dir, dtype=dtype, device=device, t5_cpu=args.t5_cpu,
                               offload_model=offload, quant=args.quant)
     if args.compile:
         models.compile_blocks()
-    log.info("generating %d frames at %s, %d steps, seed %d", frame_num, format_size(size), steps, seed)
-    with tqdm(total=steps, desc=task.name, unit="step", file=sys.stderr) as bar, StopOnCtrlC() as stop:
-        video = models.generate(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, size=size, frame_num=frame_num,
-            image=args.image, steps=steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
-            boundary=args.boundary, solver=args.sample_solver, seed=seed, allow_any_size=args.allow_any_size,
-            callback=lambda step, total, latent: bar.update(1), interrupt=stop)
-    save_file = Path(args.save_file or default_save_file(task.name, size, args.prompt))
-    write_video(video, save_file, fps=task.sample_fps)
+    log.info("generating %d frames at %s, %d steps, seed %d", request.frame_num, format_size(request.video_size),
+             settings.steps, settings.seed)
+    with StopOnCtrlC() as stop, tqdm(total=settings.steps, desc=f"{task.name} sampling", unit="step",
+                                     file=sys.stderr) as bar:
+        decode_bar = None
+
+        def on_decode(done: int, total: int) -> None:
+            nonlocal decode_bar
+            if decode_bar is None:
+                stop.phase = "decoding"
+                decode_bar = tqdm(total=total, desc=f"{task.name} decoding", unit="frame", file=sys.stderr)
+            decode_bar.update(done - decode_bar.n)
+
+        try:
+            video = models.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, request=request,
+                                    callback=lambda step, total, latent: bar.update(1), interrupt=stop,
+                                    decode_callback=on_decode)
+        finally:
+            if decode_bar is not None:
+                decode_bar.close()
+        if stop.requested:
+            raise GenerationInterrupted("generation interrupted after decoding")
+        stop.phase = "writing"
+        existed = save_file.exists()
+        try:
+            write_video(video, save_file, fps=task.sample_fps)
+        except KeyboardInterrupt:
+            kept = f"; the existing {save_file} is unchanged" if existed else ""
+            raise GenerationInterrupted(f"interrupted while writing {save_file}{kept}") from None
     log.info("saved %d frames of %dx%d at %d fps to %s", video.shape[1], video.shape[3], video.shape[2],
              task.sample_fps, save_file)
     return save_file
@@ -225,6 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # anything else: one line, the traceback only on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {type(error).__name__}: {error} (set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ import torch
 
 from wan_core.sampling.schedule import (check_boundary, check_denoise, check_solver, check_steps,
                                         runs_high_noise_expert, schedule)
+from wan_core.sampling.guidance import scales_by_expert
 from wan_core.sampling.solvers import make_solver
 
 DEFAULT_PATCH_SIZE = (1, 2, 2)
@@ -25,7 +26,8 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
            boundary: Optional[float] = None, solver: str = "unipc", y: Optional[torch.Tensor] = None,
            seed: Optional[int] = None, callback: Optional[StepCallback] = None, denoise: float = 1.0,
            first_frame_latent: Optional[torch.Tensor] = None, latent_image: Optional[torch.Tensor] = None,
-           offload_inactive_expert: bool = False) -> torch.Tensor:
+           offload_inactive_expert: bool = False,
+           denoised_callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Denoise `noise` [B, C, F, H, W] into a clean latent with the reference's schedule.
 
     experts: one model, or (high_noise_expert, low_noise_expert) with `boundary` (fraction of
@@ -34,8 +36,8 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
     context, context_null: the prompt and negative-prompt embeddings (lists of [L_i, 4096],
         one per batch item), passed to the model as they are. context_null may be None when
         every guidance scale is 1 (then no unconditional pass runs).
-    guide_scale: one scale, or (low_noise_scale, high_noise_scale) like the reference config.
-        flow = uncond + scale * (cond - uncond).
+    guide_scale: one finite scale, or (low_noise_scale, high_noise_scale) like the reference
+        config (a `GuideScale` names them). flow = uncond + scale * (cond - uncond).
     solver: "unipc" (the reference's default), "dpm++" or "euler".
     y: the image condition for i2v models (concatenated to x on channels by the model).
     seed: accepted for a stable signature; these solvers are deterministic and draw no random
@@ -51,6 +53,8 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
         held at this clean latent (set before the first step and after every step) and its
         tokens get timestep 0; the model then gets per-token timesteps [B, tokens].
     offload_inactive_expert: keep only the expert in use on the latent's device.
+    denoised_callback(step, total, x0): after each step (before `callback`), with that step's
+        estimate of the clean latent, x0 = x - sigma * flow (for previews).
 
     Returns the latent on noise's device, in float32 (float64 if noise is float64).
     """
@@ -66,7 +70,7 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step, total, latent), got {callback!r}")
-    scales = _guide_scales(guide_scale, len(experts))
+    scales = scales_by_expert(guide_scale, len(experts))
     if context_null is None and any(scale != 1.0 for scale in scales):
         raise ValueError("context_null (the negative prompt's embedding) is needed for guidance scales "
                          f"other than 1, got guide_scale={guide_scale!r}")
@@ -99,6 +103,8 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
             else:
                 t_model = _per_token_timesteps(t, x, _patch_size(expert))
             flow = _guided_flow(expert, x, t_model, context, context_null, y, scale, work_dtype)
+            if denoised_callback is not None:
+                denoised_callback(i + 1, steps, x - float(stepper.sigmas[i]) * flow)
             x = stepper.step(x, flow)
             if first_frame is not None:
                 x = _hold_first_frame(x, first_frame)
@@ -125,25 +131,6 @@ def _check_experts_and_boundary(experts: list, boundary: Optional[float]) -> Non
                          "model was given; drop boundary for a single model")
     if boundary is not None:
         check_boundary(boundary)
-
-
-def _guide_scales(guide_scale: Union[float, Sequence[float]], num_experts: int) -> tuple[float, ...]:
-    """Scales in the order of `experts`: (high, low) for two, (scale,) for one."""
-    if isinstance(guide_scale, (list, tuple)):
-        values = tuple(guide_scale)
-        if num_experts == 2 and len(values) == 2:
-            low, high = values
-            values = (high, low)
-        elif len(values) != 1:
-            expected = "one value or (low_noise, high_noise)" if num_experts == 2 else "one value"
-            raise ValueError(f"guide_scale must be {expected} for {num_experts} expert(s), "
-                             f"got {len(values)} values {guide_scale!r}")
-    else:
-        values = (guide_scale,)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"guide_scale values must be numbers, got {guide_scale!r}")
-    return values * num_experts if len(values) == 1 else values
 
 
 def _check_batch(name: str, context: Any, batch: int) -> None:
