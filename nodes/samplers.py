@@ -14,7 +14,8 @@ import torch
 
 from wan_core import pipeline
 from wan_core.configs import DEFAULT_NEGATIVE_PROMPT
-from wan_core.sampling import SOLVERS, sample
+from wan_core.preview import latent_to_rgb
+from wan_core.sampling import SOLVERS, GuideScale, sample
 from wan_core.vae import Tiling
 
 from . import host
@@ -25,6 +26,9 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_SIZE = 4096
 MAX_LENGTH = 1025
 SAMPLED_TYPES = ("t2v", "i2v", "ti2v")
+# The node inputs that wan_core's request checks speak of (wan_core.pipeline.Request's fields).
+LATENT_NAMES = {"size": "width x height", "frame_num": "length", "image": "start_image"}
+SAMPLER_NAMES = {"guide_scale": "cfg_high_noise / cfg_low_noise", "boundary": "boundary"}
 
 
 class W22TextEncode:
@@ -117,13 +121,16 @@ class W22VideoLatent:
             _check_image("start_image", start_image)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-        pipeline.validate_request(task, size=(width, height), frame_num=length, image=start_image,
-                                  allow_any_size=True)
+        if vae is not None:
+            _check_type("vae", vae, WanVAE, "Wan2.2 VAE Loader")
+            _check_vae_fits(vae, task)  # before sampling, not at decode
+        pipeline.Request.check(task, size=(width, height), frame_num=length,
+                               image=None if start_image is None else start_image[:1], allow_any_size=True,
+                               names=LATENT_NAMES)
         condition: dict[str, Any] = {"task": task.name, "y": None, "first_frame_latent": None}
         if start_image is None:
             shape = pipeline.latent_shape(task, (width, height), length, batch_size)
         else:
-            _check_vae_fits(vae, task)
             host.load_to_compute([vae.hosted])
             encoded = pipeline.encode_image_condition(task, vae.vae, start_image[:1], (width, height), length).cpu()
             if task.dit.model_type == "i2v":
@@ -238,31 +245,34 @@ class W22MoESampler:
         if not isinstance(conditioning, dict) or "context" not in conditioning:
             raise TypeError("conditioning must come from Wan2.2 Text Encode")
         samples, condition = _check_latent(latent, task)
-        if not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be in 0..{MAX_SEED}, got {seed}")
-        if boundary < 0:
-            raise ValueError(f"boundary must be 0 (the model's own) or a fraction in (0, 1), got {boundary}")
+        if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 <= boundary < 1:
+            raise ValueError(f"boundary must be 0 (the model's own) or a fraction in (0, 1), got {boundary!r}")
         hand_off = boundary if boundary > 0 else task.boundary
         if hand_off is None and low_noise_model is not None:
             raise ValueError(f"{task.name} is one model with no expert hand-off: disconnect "
                              f"low_noise_model, or set boundary > 0 to switch models at that timestep")
+        two = hand_off is not None
+        settings = pipeline.check_sampling(
+            task, steps=steps, shift=shift, boundary=hand_off, solver=solver, seed=seed, denoise=denoise,
+            guide_scale=GuideScale(low_noise=cfg_low_noise, high_noise=cfg_high_noise) if two else cfg_high_noise,
+            experts=2 if two else 1, names=SAMPLER_NAMES)
         memory = memory or {}
 
-        models = [high_noise_model] if hand_off is None else [high_noise_model, low_noise_model or high_noise_model]
+        models = [high_noise_model, low_noise_model or high_noise_model] if two else [high_noise_model]
         experts = _ExpertPlacement(models, memory.get("offload_inactive_expert", False)).experts
         device = models[0].hosted.device
         batch = samples.shape[0]
-        noise = pipeline.initial_noise(tuple(samples.shape), seed, device)
+        noise = pipeline.initial_noise(tuple(samples.shape), settings.seed, device)
+        on_step, on_denoised = _sampling_progress()
         result = sample(
-            experts if hand_off is not None else experts[0], noise,
+            experts if two else experts[0], noise,
             [conditioning["context"].to(device)] * batch, [conditioning["context_null"].to(device)] * batch,
-            steps=steps, shift=shift,
-            guide_scale=cfg_high_noise if hand_off is None else (cfg_low_noise, cfg_high_noise),
-            boundary=hand_off, solver=solver, seed=seed, denoise=denoise,
+            steps=settings.steps, shift=settings.shift, guide_scale=settings.guide_scale,
+            boundary=settings.boundary, solver=settings.solver, seed=settings.seed, denoise=settings.denoise,
             latent_image=samples.to(device) if denoise < 1 else None,
             y=_batched(condition.get("y"), batch, device),
             first_frame_latent=_batched(condition.get("first_frame_latent"), batch, device),
-            callback=host.progress_callback())
+            callback=on_step, denoised_callback=on_denoised)
         return ({**latent, "samples": result.cpu()},)
 
 
@@ -304,11 +314,28 @@ class W22Decode:
                              f"wan2.2_vae with TI2V-5B")
         tile = Tiling(tile_size=(tile_size, tile_size), overlap=(tile_overlap, tile_overlap)) if tiled else None
         host.load_to_compute([vae.hosted])
-        video = vae.vae.decode(samples, tile=tile, callback=host.progress_callback())
+        video = vae.vae.decode(samples, tile=tile, callback=host.progress_callback("Wan2.2 decoding"))
         return (_video_to_images(video),)
 
 
 # --- plumbing between ComfyUI's formats and wan_core's --------------------------------------------
+
+def _sampling_progress():
+    """(callback, denoised_callback) for `sample`: the bar and console line after each step,
+    with a preview of that step's denoised estimate when the host shows previews."""
+    progress = host.progress_callback("Wan2.2 sampling")
+    if not host.previews_enabled():
+        return progress, None
+    latest = {}
+
+    def on_denoised(step: int, total: int, x0: torch.Tensor) -> None:
+        latest["picture"] = latent_to_rgb(x0)
+
+    def on_step(step: int, total: int, *_args) -> None:
+        progress(step, total, preview=latest.pop("picture", None))
+
+    return on_step, on_denoised
+
 
 class _ExpertPlacement:
     """Puts each expert on its compute device when its steps begin.
