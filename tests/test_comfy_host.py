@@ -1,10 +1,13 @@
 """The pack inside a real ComfyUI: server API, example workflows, queueing, interrupt, editor.
 
 Needs a ComfyUI checkout in COMFYUI_PATH and the Python of its environment (COMFYUI_PYTHON, or
-$COMFYUI_PATH/../venv/bin/python) with the pack's dependencies installed; the graph-editor test
-also needs Chromium (/usr/bin/chromium) and playwright in that Python. Without them every test
-here skips and says why. The server runs with --cpu on 127.0.0.1 and a free port; its models,
-inputs, outputs and the pack's link in custom_nodes live in a temporary folder.
+$COMFYUI_PATH/../venv/bin/python) with the pack's dependencies installed; the graph-editor tests
+also need Chromium (/usr/bin/chromium) and playwright in that Python. Without them every test
+here skips and says why. COMFYUI_FRONTEND_ROOT, when set, is the static folder of another
+comfyui-frontend-package (e.g. the newest one installed with `pip install --target`), passed
+as --front-end-root. The server runs with --cpu on 127.0.0.1 and a free port; its models,
+inputs, outputs and the pack's link in custom_nodes live in a temporary folder. The editor
+tests run in both node renderings (the classic canvas and Vue nodes, "Nodes 2.0").
 """
 from __future__ import annotations
 
@@ -111,6 +114,7 @@ nodes_tests = _import_sibling("test_nodes")
 # Small enough for a 2-core CPU: the sizes and steps the tests put into the example workflows,
 # and the start image (written into the server's input folder) for LoadImage.
 TINY_RUN = {"width": 64, "height": 64, "length": 5, "steps": 3, "image": nodes_tests.START_IMAGE}
+EXAMPLE_IMAGE = "example.png"  # ComfyUI ships input/example.png; the i2v workflow's LoadImage uses it
 
 
 @pytest.fixture(scope="module")
@@ -126,15 +130,19 @@ def server(tmp_path_factory):
                       f"  base_path: {models}\n"
                       + "".join(f"  {kind}: {kind}\n" for kind in nodes_tests.MODEL_FOLDERS))
     (base / "input").mkdir()
-    nodes_tests.write_start_image(base / "input" / nodes_tests.START_IMAGE)
+    for image in (nodes_tests.START_IMAGE, EXAMPLE_IMAGE):  # the i2v workflow's LoadImage names the latter
+        nodes_tests.write_start_image(base / "input" / image)
     port = _free_port()
     log = base / "comfyui.log"
     command = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--extra-model-paths-config", str(config),
                "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+    if os.environ.get("COMFYUI_FRONTEND_ROOT"):
+        command += ["--front-end-root", os.environ["COMFYUI_FRONTEND_ROOT"]]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(f"http://127.0.0.1:{port}", process, base, log, python)
+    srv.models = models
     started = time.monotonic()
     try:
         while True:
@@ -223,16 +231,26 @@ def test_object_info_lists_every_node_with_its_types(object_info):
 
 
 def test_core_nodes_are_declared_as_the_offline_tests_assume(object_info):
-    """test_workflows.py checks the workflows against CORE_NODE_INPUTS; this host must agree."""
+    """test_workflows.py checks the workflows against CORE_NODE_INPUTS; this host must declare
+    those inputs, in that order and of those kinds, and the outputs the workflows link. Newer
+    hosts may add outputs and optional inputs with defaults (CreateVideo's bit_depth), and turn
+    a choice into a dynamic combo (SaveVideo's format); the converter handles both."""
     for name, sections in workflows.CORE_NODE_INPUTS.items():
         served = object_info[name]
-        assert served["output"] == workflows.CORE_OUTPUTS[name], name
+        expected_outputs = workflows.CORE_OUTPUTS[name]
+        assert served["output"][:len(expected_outputs)] == expected_outputs, name
         for section, specs in sections.items():
-            assert list(served["input"][section]) == list(specs), f"{name} {section}"
+            served_specs = served["input"].get(section, {})
+            known = [n for n in served_specs if n in specs]
+            assert known == list(specs), f"{name} {section}: {list(served_specs)}"
+            for extra in set(served_specs) - set(specs):
+                assert section == "optional", f"{name}: new required input {extra}"
+                if workflows.is_widget(served_specs[extra]) and not served_specs[extra][1].get("hidden"):
+                    workflows.default_value(served_specs[extra])  # the converter can fill it
             for input_name, spec in specs.items():
-                kind = served["input"][section][input_name][0]
+                kind = served_specs[input_name][0]
                 if isinstance(spec[0], list):
-                    assert kind == "COMBO" or isinstance(kind, list), f"{name}.{input_name}"
+                    assert kind in ("COMBO", workflows.DYNAMIC_COMBO) or isinstance(kind, list), f"{name}.{input_name}"
                 else:
                     assert kind == spec[0], f"{name}.{input_name}"
 
@@ -331,45 +349,101 @@ def test_free_memory_request_releases_our_models(server, object_info):
     assert server.get("/wan22/cache")["models"] == []
 
 
-# Runs in ComfyUI's Python (which has playwright): loads each workflow into the real editor,
-# reads what the pack's extension shows on its nodes (`wan22Lines`), then sets the latent's
-# width to 1000 and its length to 80 frames and reads again. Screenshots before and after.
+# Runs in ComfyUI's Python (which has playwright): opens the editor in one node rendering
+# ("classic" canvas or "vue" nodes), loads each workflow, reads what the pack's extension shows
+# (`wan22Lines`, and whether its widget was drawn), sets the latent's width to 1000 and its
+# length to 80 frames and reads again. Then the error and retry paths: a loader names a file
+# that is not there; the file is added (the lookup is retried by itself), removed again and
+# Refresh pressed. Screenshots of each state.
 EDITOR_SCRIPT = r"""
-import json, sys
+import json, shutil, sys
+from pathlib import Path
 from playwright.sync_api import sync_playwright
-url, workflow_paths, shot_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-NODES_JS = '''() => window.app.graph._nodes.map(n => ({
-    type: n.type, registered: n.type in LiteGraph.registered_node_types, has_errors: !!n.has_errors,
-    lines: n.wan22Lines || null}))'''
+url, workflow_paths, shot_dir, rendering, models_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+NODES_JS = '''() => window.app.graph._nodes.map(n => {
+    const w = (n.widgets || []).find(w => w.name === "wan22_info");
+    let drawn = false;
+    if (w) {  // draw through what the renderer set up: LiteGraph's canvas or the Vue node's widget canvas
+        const draw = w.draw; w.draw = function () { drawn = true; return draw.apply(this, arguments); };
+        if (w.triggerDraw) w.triggerDraw(); else window.app.canvas.draw(true, true);
+        w.draw = draw;
+    }
+    let fits = true;
+    if (w && w.wrapped) {
+        const ctx = document.createElement("canvas").getContext("2d"); ctx.font = "12px sans-serif";
+        fits = w.wrapped.every(([, t]) => ctx.measureText(t).width <= n.size[0] - 20 + 0.5);
+    }
+    return {type: n.type, id: n.id, registered: n.type in LiteGraph.registered_node_types, has_errors: !!n.has_errors,
+            lines: n.wan22Lines || null, has_widget: !!w, drawn, fits, vue_mounted: !!(w && w.triggerDraw),
+            tall_enough: n.size[1] + 0.5 >= n.computeSize()[1]};
+})'''
 SET_SIZE_JS = '''([width, length]) => { const node = window.app.graph._nodes.find(n => n.type === "W22VideoLatent");
     node.widgets.find(w => w.name === "width").value = width;
     node.widgets.find(w => w.name === "length").value = length; window.app.graph.setDirtyCanvas(true, true); }'''
-results = {}
+SET_MODEL_JS = '''(name) => { for (const n of window.app.graph._nodes.filter(n => n.type === "W22ModelLoader"))
+    n.widgets.find(w => w.name === "model_name").value = name; window.app.graph.setDirtyCanvas(true, true); }'''
+SAVED_JS = '''() => window.app.graph.serialize().nodes.filter(n => n.type.startsWith("W22")).map(n => [n.type, n.widgets_values])'''
+PROMPT_JS = '''async () => { const p = await window.app.graphToPrompt(); return Object.values(p.output).map(n => [n.class_type, Object.keys(n.inputs)]); }'''
+results = {"rendering": rendering}
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page = browser.new_page(viewport={"width": 1800, "height": 1000})
     console = []
     page.on("console", lambda m: console.append(m.text))
     page.goto(url)
-    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=60000)
+    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90000)
+    page.wait_for_timeout(1500)
+    page.evaluate('''async (on) => { const s = window.app.extensionManager && window.app.extensionManager.setting;
+        if (s && s.set) await s.set("Comfy.VueNodes.Enabled", on); else window.app.ui.settings.setSettingValue("Comfy.VueNodes.Enabled", on); }''',
+        rendering == "vue")
+    page.reload()  # the renderer is chosen when the editor starts
+    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90000)
     page.wait_for_timeout(1500)
     page.keyboard.press("Escape")
+    def settle(ms=2500):
+        page.wait_for_timeout(ms)
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    def shoot(name):
+        path = f"{shot_dir}/{rendering}_{name}.png"
+        page.screenshot(path=path)
+        return path
     for path in workflow_paths:
         name = path.rsplit("/", 1)[-1].removesuffix(".json")
-        page.evaluate("wf => window.app.loadGraphData(wf)", json.load(open(path)))
-        page.wait_for_timeout(2500)
+        workflow = json.load(open(path))
+        page.evaluate("wf => window.app.loadGraphData(wf)", workflow)
+        settle()
         missing_dialog = page.get_by_text("Some Nodes Are Missing").count()
-        page.keyboard.press("Escape")
-        page.wait_for_timeout(500)
-        shot = f"{shot_dir}/{name}.png"
-        page.screenshot(path=shot)
+        shot = shoot(name)
         nodes = page.evaluate(NODES_JS)
+        saved = page.evaluate(SAVED_JS)
+        prompt = page.evaluate(PROMPT_JS)
         page.evaluate(SET_SIZE_JS, [1000, 80])
-        page.wait_for_timeout(800)
-        bad_shot = f"{shot_dir}/{name}_bad_size.png"
-        page.screenshot(path=bad_shot)
-        results[name] = {"nodes": nodes, "after_bad_size": page.evaluate(NODES_JS),
+        settle(1200)
+        bad_shot = shoot(f"{name}_bad_size")
+        results[name] = {"nodes": nodes, "after_bad_size": page.evaluate(NODES_JS), "saved": saved, "prompt": prompt,
+                         "shipped": [[n["type"], n.get("widgets_values")] for n in workflow["nodes"] if n["type"].startswith("W22")],
                          "missing_dialog": missing_dialog, "screenshots": [shot, bad_shot]}
+    # error and retry paths on the t2v workflow
+    page.evaluate("wf => window.app.loadGraphData(wf)", json.load(open(workflow_paths[0])))
+    settle()
+    added = Path(models_dir) / "diffusion_models" / "wan22_added_later.safetensors"
+    page.evaluate(SET_MODEL_JS, added.name)
+    settle(2500)
+    missing = page.evaluate(NODES_JS)
+    missing_shot = shoot("missing_model")
+    source = sorted((Path(models_dir) / "diffusion_models").glob("wan2.2_t2v_high*"))[0]
+    shutil.copy(source, added)
+    settle(6000)  # longer than the extension's retry interval, no Refresh pressed
+    found = page.evaluate(NODES_JS)
+    found_shot = shoot("model_added")
+    added.unlink()
+    page.evaluate("async () => { await window.app.refreshComboInNodes(); }")
+    settle(2500)
+    removed = page.evaluate(NODES_JS)
+    removed_shot = shoot("model_removed_after_refresh")
+    results["errors"] = {"missing": missing, "found": found, "removed": removed,
+                         "screenshots": [missing_shot, found_shot, removed_shot]}
     results["console"] = console
     browser.close()
 print(json.dumps(results))
@@ -380,23 +454,39 @@ print(json.dumps(results))
 HANDOFF_LINES = {"t2v_A14B": "hand-off after step 26 of 40", "i2v_A14B": "hand-off after step 15 of 40",
                  "ti2v_5B": "ti2v-5B: one model runs all 50 steps"}
 TASKS_OF = {"t2v_A14B": "t2v-A14B", "i2v_A14B": "i2v-A14B", "ti2v_5B": "ti2v-5B"}
+RENDERINGS = ("classic", "vue")
 
 
 def _lines(nodes: list[dict], node_type: str) -> list[str]:
     return [line for n in nodes if n["type"] == node_type for line in (n["lines"] or [])]
 
 
-def test_example_workflows_load_in_the_graph_editor(server, output_dir):
+@pytest.fixture(scope="module")
+def editor_runs(server, output_dir):
+    """run(rendering) -> the editor script's results (run once per rendering for the module)."""
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
     if subprocess.run([str(server.python), "-c", "import playwright"], capture_output=True).returncode:
         pytest.skip(f"playwright is not installed in {server.python} (pip install playwright; the test "
                     f"drives Debian's Chromium, no 'playwright install' needed)")
-    paths = [str(workflows.WORKFLOW_DIR / name) for name in workflows.WORKFLOWS]
-    run = subprocess.run([str(server.python), "-c", EDITOR_SCRIPT, server.url, json.dumps(paths), str(output_dir)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    runs = {}
+
+    def run(rendering: str) -> dict:
+        if rendering not in runs:
+            paths = [str(workflows.WORKFLOW_DIR / f"{name}.json") for name in TASKS_OF]
+            done = subprocess.run([str(server.python), "-c", EDITOR_SCRIPT, server.url, json.dumps(paths),
+                                   str(output_dir), rendering, str(server.models)],
+                                  capture_output=True, text=True, timeout=400)
+            assert done.returncode == 0, done.stderr[-4000:]
+            runs[rendering] = json.loads(done.stdout.strip().splitlines()[-1])
+        return runs[rendering]
+
+    return run
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_example_workflows_load_in_the_graph_editor(editor_runs, rendering):
+    results = editor_runs(rendering)
     assert any("[comfyui-wan22] web extension loaded" in line for line in results["console"]), results["console"]
     for name, task in TASKS_OF.items():
         result = results[name]
@@ -416,5 +506,35 @@ def test_example_workflows_load_in_the_graph_editor(server, output_dir):
         assert any("length must be 4k+1 frames (got 80)" in line for line in bad), bad
         multiple = {"t2v-A14B": 16, "ti2v-5B": 32, "i2v-A14B": None}[task]  # i2v: the size sets only the area
         assert any(f"multiples of {multiple} (got 1000x" in line for line in bad) == (multiple is not None), bad
+        # the text is drawn by this renderer, fits the node's width, and the node is tall enough for it
+        shown = [n for n in result["nodes"] + result["after_bad_size"] if n["lines"]]
+        assert shown and all(n["has_widget"] and n["drawn"] and n["fits"] and n["tall_enough"] for n in shown), \
+            [n for n in shown if not (n["drawn"] and n["fits"] and n["tall_enough"])]
+        if rendering == "vue":
+            assert all(n["vue_mounted"] for n in shown), "the Vue renderer did not mount the info widget"
+        # the info widget is neither saved with the workflow nor sent with a prompt
+        assert result["saved"] == result["shipped"], (result["saved"], result["shipped"])
+        assert not any("wan22_info" in inputs for _, inputs in result["prompt"]), result["prompt"]
         assert all(Path(shot).is_file() for shot in result["screenshots"])
-        print(f"{name}: {len(types)} nodes; {sampler_lines[0]}; screenshots {', '.join(result['screenshots'])}")
+        print(f"{rendering} {name}: {sampler_lines[0]}; screenshots {', '.join(result['screenshots'])}")
+
+
+@pytest.mark.parametrize("rendering", RENDERINGS)
+def test_the_editor_shows_a_missing_model_briefly_and_retries(editor_runs, server, rendering):
+    errors = editor_runs(rendering)["errors"]
+    loader = _lines(errors["missing"], "W22ModelLoader")
+    assert loader and all(line == "wan22_added_later.safetensors is not in models/diffusion_models: add it, then "
+                          "press Refresh" for line in loader), loader
+    everything = " ".join(line for n in errors["missing"] for line in (n["lines"] or []))
+    assert str(server.base) not in everything and str(server.models) not in everything and "/tmp" not in everything
+    assert "undefined" not in everything and "null" not in everything
+    sampler = _lines(errors["missing"], "W22MoESampler")
+    assert sampler == ["the high-noise model cannot be read: see its loader"], sampler
+    assert _lines(errors["missing"], "W22VideoLatent") == []  # the problem is shown once, on the loader
+    found = _lines(errors["found"], "W22ModelLoader")
+    assert found and all(line.startswith(("detected: t2v-A14B", "MoE expert")) for line in found), found
+    assert any("hand-off after step 26 of 40" in line for line in _lines(errors["found"], "W22MoESampler"))
+    removed = _lines(errors["removed"], "W22ModelLoader")
+    assert removed and all("is not in models/diffusion_models" in line for line in removed), removed
+    assert all(Path(shot).is_file() for shot in errors["screenshots"])
+    print(f"{rendering} error path screenshots: {', '.join(errors['screenshots'])}")

@@ -131,10 +131,13 @@ def default_value(spec) -> Any:
     raise ValueError(f"no default for a {spec[0]} widget")
 
 
-def _dynamic_choice_inputs(spec, value) -> dict:
-    """The inputs (required + optional) of the chosen option of a dynamic combo."""
+def _dynamic_choice_inputs(spec, value, strict: bool = True) -> dict:
+    """The inputs (required + optional) of the chosen option of a dynamic combo (none for an
+    unknown option unless `strict`)."""
     option = next((o for o in _options(spec).get("options", []) if o.get("key") == value), None)
     if option is None:
+        if not strict:
+            return {}
         raise ValueError(f"{value!r} is not an option of this dynamic combo")
     return option.get("inputs", {})
 
@@ -178,7 +181,7 @@ def widget_errors(prompt: dict, node_inputs: dict[str, dict]) -> list[str]:
         for name, value in node["inputs"].items():  # a dynamic combo's chosen inputs
             if input_kind(specs.get(name, ("",))) == DYNAMIC_COMBO and not isinstance(value, list):
                 specs.update((f"{name}.{n}", spec) for n, spec in ordered_inputs(_dynamic_choice_inputs(
-                    specs[name], value)))
+                    specs[name], value, strict=False)))
         required = node_inputs[node["class_type"]].get("required", {})
         for name in required:
             if name not in node["inputs"]:
