@@ -8,6 +8,7 @@ The video latent node stores what the sampler needs besides the noise (the i2v c
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -21,6 +22,7 @@ from wan_core.vae import Tiling
 from . import host
 from .loaders import WanModel, WanTextEncoder, WanVAE
 
+log = logging.getLogger(__name__)
 CONDITION_KEY = "wan22"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_SIZE = 4096
@@ -263,6 +265,13 @@ class W22MoESampler:
         device = models[0].hosted.device
         batch = samples.shape[0]
         noise = pipeline.initial_noise(tuple(samples.shape), settings.seed, device)
+        scales = settings.guide_scale if two else (settings.guide_scale,)
+        work = pipeline.estimate_workload(task, tuple(samples.shape),
+                                          settings.steps * (1 if all(s == 1.0 for s in scales) else 2))
+        log.info("Wan2.2 sampling: %s", work.describe())
+        if work.oversized > 1:
+            log.warning("Wan2.2 sampling: %.1fx the tokens of %s's largest trained video: expect that many times the "
+                        "time per step or more", work.oversized, task.name)
         on_step, on_denoised = _sampling_progress()
         result = sample(
             experts if two else experts[0], noise,

@@ -241,13 +241,19 @@ def test_core_nodes_are_declared_as_the_offline_tests_assume(object_info):
         assert served["output"][:len(expected_outputs)] == expected_outputs, name
         for section, specs in sections.items():
             served_specs = served["input"].get(section, {})
+            nested = {n for spec in served_specs.values() if workflows.input_kind(spec) == workflows.DYNAMIC_COMBO
+                      for option in spec[1].get("options", []) for part in option.get("inputs", {}).values()
+                      for n in part}  # e.g. SaveVideo's codec, now chosen inside format
+            expected = [n for n in specs if n in served_specs or n not in nested]
             known = [n for n in served_specs if n in specs]
-            assert known == list(specs), f"{name} {section}: {list(served_specs)}"
+            assert known == expected, f"{name} {section}: {list(served_specs)}"
             for extra in set(served_specs) - set(specs):
                 assert section == "optional", f"{name}: new required input {extra}"
                 if workflows.is_widget(served_specs[extra]) and not served_specs[extra][1].get("hidden"):
                     workflows.default_value(served_specs[extra])  # the converter can fill it
             for input_name, spec in specs.items():
+                if input_name not in served_specs:
+                    continue  # nested in a dynamic combo (above)
                 kind = served_specs[input_name][0]
                 if isinstance(spec[0], list):
                     assert kind in ("COMBO", workflows.DYNAMIC_COMBO) or isinstance(kind, list), f"{name}.{input_name}"
@@ -400,6 +406,7 @@ with sync_playwright() as p:
     page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90000)
     page.wait_for_timeout(1500)
     page.keyboard.press("Escape")
+    results["frontend"] = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || '0'")
     def settle(ms=2500):
         page.wait_for_timeout(ms)
         page.keyboard.press("Escape")
@@ -455,6 +462,10 @@ HANDOFF_LINES = {"t2v_A14B": "hand-off after step 26 of 40", "i2v_A14B": "hand-o
                  "ti2v_5B": "ti2v-5B: one model runs all 50 steps"}
 TASKS_OF = {"t2v_A14B": "t2v-A14B", "i2v_A14B": "i2v-A14B", "ti2v_5B": "ti2v-5B"}
 RENDERINGS = ("classic", "vue")
+# Frontends older than this have Vue nodes that draw no extension widgets: checked on 1.27.10 (the
+# 2025-10 ComfyUI's pin), which lacks them, and 1.49.6 and 1.58.1, which have them; the minors in
+# between were not checked.
+VUE_EXTENSION_WIDGETS_SINCE = (1, 28)
 
 
 def _lines(nodes: list[dict], node_type: str) -> list[str]:
@@ -479,7 +490,13 @@ def editor_runs(server, output_dir):
                                   capture_output=True, text=True, timeout=400)
             assert done.returncode == 0, done.stderr[-4000:]
             runs[rendering] = json.loads(done.stdout.strip().splitlines()[-1])
-        return runs[rendering]
+        result = runs[rendering]
+        version = tuple(int(part) for part in result["frontend"].split(".")[:2] if part.isdigit())
+        if rendering == "vue" and version < VUE_EXTENSION_WIDGETS_SINCE:
+            pytest.skip(f"frontend {result['frontend']}: its Vue nodes are the opt-in preview that renders no "
+                        f"extension widgets (no legacy-widget canvas) and shows widget values as of loading; "
+                        f"the classic canvas is its rendering")
+        return result
 
     return run
 

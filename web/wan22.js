@@ -224,6 +224,8 @@ function update(node) {
   if (widget.value === key) return;
   widget.value = key;
   widget.wrapped = wrapped;
+  // the Vue renderer sizes a drawn widget by computedHeight, which only the canvas layout sets
+  widget.computedHeight = widget.computeSize(node.size[0])[1];
   node.setSize([node.size[0], node.computeSize()[1]]);
   widget.triggerDraw?.();
   node.setDirtyCanvas?.(true, true);

@@ -11,6 +11,7 @@ from wan_core.pipeline.images import (ImageInput, best_output_size, encode_image
                                       i2v_pixel_size, initial_noise, load_image, ti2v_image, ti2v_pixel_size)
 from wan_core.pipeline.request import (MAX_SEED, Request, SamplingSettings, Size, Workload, check_device,
                                        check_frame_num, check_sampling, check_seed, check_size, default_size,
+                                       estimate_workload,
                                        format_size, latent_frames, latent_shape, official_folder_name, parse_size,
                                        resolve_task, validate_request)
 from wan_core.pipeline.video import Experts, GenerationInterrupted, StepCallback, encode_prompts, generate
@@ -20,7 +21,7 @@ __all__ = [
     "ImageInput", "best_output_size", "encode_image_condition", "first_frame_mask", "i2v_pixel_size",
     "initial_noise", "load_image", "ti2v_image", "ti2v_pixel_size",
     "MAX_SEED", "Request", "SamplingSettings", "Workload", "check_device", "check_frame_num", "check_sampling",
-    "check_seed", "check_size",
+    "check_seed", "check_size", "estimate_workload",
     "Size", "default_size", "format_size", "latent_frames", "latent_shape", "official_folder_name",
     "parse_size", "resolve_task", "validate_request",
     "Experts", "GenerationInterrupted", "StepCallback", "encode_prompts", "generate",

@@ -252,26 +252,31 @@ class Request:
     def workload(self, cfg_passes: Optional[int] = None) -> Workload:
         """The request's cost (see Workload). `cfg_passes`: forwards per step (default: 2, or
         1 when every guidance scale is 1)."""
-        task, dit = self.task, self.task.dit
-        _, _, frames, height, width = self.latent_shape()
-        pt, ph, pw = dit.patch_size
-        tokens = (frames // pt) * (height // ph) * (width // pw)
         scales = self.sampling.guide_scale
         scales = tuple(scales) if isinstance(scales, GuideScale) else (scales,)
         passes = cfg_passes if cfg_passes is not None else 1 if all(s == 1.0 for s in scales) else 2
-        forwards = self.sampling.steps * passes
-        # per block: self-attention q, k, v, o and cross-attention q, k, v, o (dim x dim each),
-        # the two FFN matrices (dim x ffn_dim each)
-        parameters = dit.num_layers * (8 * dit.dim ** 2 + 2 * dit.dim * dit.ffn_dim)
-        attention = 4 * tokens ** 2 * dit.dim * dit.num_layers  # QK^T and AV, 2 flops per multiply-add
-        flops_per_forward = 2 * parameters * tokens + attention
-        activation = tokens * (dit.ffn_dim * 2 + dit.dim * 4 * 4)  # FFN hidden in bf16 + fp32 residual streams
-        trained_w, trained_h = default_size(task)
-        _, _, tf, th, tw = latent_shape(task, (trained_w, trained_h), task.frame_num)
-        video_w, video_h = self.video_size
-        return Workload(tokens=tokens, forwards=forwards, parameters=parameters, flops=forwards * flops_per_forward,
-                        activation_bytes=activation, video_bytes=3 * self.frame_num * video_w * video_h * 4,
-                        trained_tokens=(tf // pt) * (th // ph) * (tw // pw))
+        return estimate_workload(self.task, self.latent_shape(), self.sampling.steps * passes)
+
+
+def estimate_workload(task: TaskConfig, shape: Sequence[int], forwards: int) -> Workload:
+    """What `forwards` DiT passes over a latent of `shape` [B, C, F, H, W] cost (Workload)."""
+    dit = task.dit
+    batch, _, frames, height, width = shape
+    pt, ph, pw = dit.patch_size
+    tokens = batch * (frames // pt) * (height // ph) * (width // pw)
+    # per block: self-attention q, k, v, o and cross-attention q, k, v, o (dim x dim each),
+    # the two FFN matrices (dim x ffn_dim each)
+    parameters = dit.num_layers * (8 * dit.dim ** 2 + 2 * dit.dim * dit.ffn_dim)
+    attention = 4 * tokens ** 2 * dit.dim * dit.num_layers // batch  # QK^T and AV per video, 2 flops per MAC
+    flops_per_forward = 2 * parameters * tokens + attention
+    activation = tokens * (dit.ffn_dim * 2 + dit.dim * 4 * 4)  # FFN hidden in bf16 + fp32 residual streams
+    _, _, tf, th, tw = latent_shape(task, default_size(task), task.frame_num)
+    _, stride_h, stride_w = task.vae_stride
+    video_frames = (frames - 1) * task.vae_stride[0] + 1
+    return Workload(tokens=tokens, forwards=forwards, parameters=parameters, flops=forwards * flops_per_forward,
+                    activation_bytes=activation,
+                    video_bytes=batch * 3 * video_frames * height * stride_h * width * stride_w * 4,
+                    trained_tokens=(tf // pt) * (th // ph) * (tw // pw))
 
 
 def check_size(task: TaskConfig, size: Union[str, Size, None], *, has_image: bool = False,
