@@ -265,9 +265,7 @@ class W22MoESampler:
         device = models[0].hosted.device
         batch = samples.shape[0]
         noise = pipeline.initial_noise(tuple(samples.shape), settings.seed, device)
-        scales = settings.guide_scale if two else (settings.guide_scale,)
-        work = pipeline.estimate_workload(task, tuple(samples.shape),
-                                          settings.steps * (1 if all(s == 1.0 for s in scales) else 2))
+        work = pipeline.estimate_workload(task, tuple(samples.shape), settings.steps, settings.guide_scale)
         log.info("Wan2.2 sampling: %s", work.describe())
         if work.oversized > 1:
             log.warning("Wan2.2 sampling: %.1fx the tokens of %s's largest trained video: expect that many times the "

@@ -114,6 +114,7 @@ nodes_tests = _import_sibling("test_nodes")
 # Small enough for a 2-core CPU: the sizes and steps the tests put into the example workflows,
 # and the start image (written into the server's input folder) for LoadImage.
 TINY_RUN = {"width": 64, "height": 64, "length": 5, "steps": 3, "image": nodes_tests.START_IMAGE}
+PREVIEW_EVENTS = (1, 4)  # ComfyUI's binary websocket events PREVIEW_IMAGE and PREVIEW_IMAGE_WITH_METADATA
 EXAMPLE_IMAGE = "example.png"  # ComfyUI ships input/example.png; the i2v workflow's LoadImage uses it
 
 
@@ -136,7 +137,7 @@ def server(tmp_path_factory):
     log = base / "comfyui.log"
     command = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--extra-model-paths-config", str(config),
-               "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+               "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--preview-method", "auto"]
     if os.environ.get("COMFYUI_FRONTEND_ROOT"):
         command += ["--front-end-root", os.environ["COMFYUI_FRONTEND_ROOT"]]
     with open(log, "wb") as out:
@@ -330,6 +331,39 @@ def test_interrupt_during_sampling_then_the_next_prompt_succeeds(server, object_
 
     follow_up = _api_prompt("t2v_A14B.json", object_info, seed=78)
     assert server.wait(server.queue(follow_up))["status"]["status_str"] == "success"
+
+
+def test_the_sampler_sends_a_preview_per_step(server, object_info):
+    """With the host's previews on (--preview-method auto), each sampling step sends one JPEG
+    preview of the denoised estimate over the websocket, as ComfyUI's own samplers do."""
+    websocket = pytest.importorskip("websocket", reason="needs websocket-client to watch the previews")
+    prompt = _api_prompt("t2v_A14B.json", object_info, seed=4242)
+    sampler = _node_of(prompt, "W22MoESampler")
+    ws = websocket.create_connection(server.url.replace("http", "ws", 1) + f"/ws?clientId={server.client_id}",
+                                     timeout=120)
+    previews, progress, running = [], [], None
+    try:
+        prompt_id = server.queue(prompt)
+        while True:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                if running == sampler and int.from_bytes(message[:4], "big") in PREVIEW_EVENTS:
+                    previews.append(message)
+                continue
+            event = json.loads(message)
+            data = event.get("data", {})
+            assert event["type"] != "execution_error", message
+            if event["type"] == "executing" and data.get("prompt_id") == prompt_id:
+                running = data.get("node")
+                if running is None:
+                    break
+            if event["type"] == "progress" and data.get("node") == sampler:
+                progress.append(data["value"])
+    finally:
+        ws.close()
+    assert progress[-TINY_RUN["steps"]:] == list(range(1, TINY_RUN["steps"] + 1)), progress
+    assert len(previews) == TINY_RUN["steps"], len(previews)
+    assert all(b"\xff\xd8\xff" in frame[:400] for frame in previews)  # JPEG pictures
 
 
 def test_invalid_prompt_returns_node_errors_naming_the_input(server, object_info):

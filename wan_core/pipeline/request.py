@@ -188,12 +188,13 @@ class Workload:
     flops: float  # all forwards, matmuls and attention
     activation_bytes: int  # peak per forward in bf16, roughly (one block's widest tensors)
     video_bytes: int  # the decoded float32 video
-    trained_tokens: int  # tokens at the task's largest trained size and default length
+    trained_tokens: int  # one video's tokens at the task's largest trained size and default length
+    batch: int = 1  # videos sampled together
 
     @property
     def oversized(self) -> float:
-        """How many times the largest trained request's tokens this is."""
-        return self.tokens / max(1, self.trained_tokens)
+        """How many times the largest trained video's tokens one video of this request has."""
+        return self.tokens / self.batch / max(1, self.trained_tokens)
 
     def describe(self) -> str:
         return (f"{self.forwards} DiT forwards over {self.tokens:,} tokens each (~{self.flops / 1e15:,.1f} PFLOP in "
@@ -249,17 +250,17 @@ class Request:
     def latent_shape(self, batch: int = 1) -> tuple[int, int, int, int, int]:
         return latent_shape(self.task, self.video_size, self.frame_num, batch)
 
-    def workload(self, cfg_passes: Optional[int] = None) -> Workload:
-        """The request's cost (see Workload). `cfg_passes`: forwards per step (default: 2, or
-        1 when every guidance scale is 1)."""
-        scales = self.sampling.guide_scale
-        scales = tuple(scales) if isinstance(scales, GuideScale) else (scales,)
-        passes = cfg_passes if cfg_passes is not None else 1 if all(s == 1.0 for s in scales) else 2
-        return estimate_workload(self.task, self.latent_shape(), self.sampling.steps * passes)
+    def workload(self) -> Workload:
+        """The request's cost (see Workload)."""
+        return estimate_workload(self.task, self.latent_shape(), self.sampling.steps, self.sampling.guide_scale)
 
 
-def estimate_workload(task: TaskConfig, shape: Sequence[int], forwards: int) -> Workload:
-    """What `forwards` DiT passes over a latent of `shape` [B, C, F, H, W] cost (Workload)."""
+def estimate_workload(task: TaskConfig, shape: Sequence[int], steps: int,
+                      guide_scale: Union[float, GuideScale]) -> Workload:
+    """What sampling a latent of `shape` [B, C, F, H, W] for `steps` costs (Workload): each
+    step runs the conditional pass and, unless every guidance scale is 1, the unconditional one."""
+    scales = tuple(guide_scale) if isinstance(guide_scale, GuideScale) else (guide_scale,)
+    forwards = steps * (1 if all(scale == 1.0 for scale in scales) else 2)
     dit = task.dit
     batch, _, frames, height, width = shape
     pt, ph, pw = dit.patch_size
@@ -276,7 +277,7 @@ def estimate_workload(task: TaskConfig, shape: Sequence[int], forwards: int) -> 
     return Workload(tokens=tokens, forwards=forwards, parameters=parameters, flops=forwards * flops_per_forward,
                     activation_bytes=activation,
                     video_bytes=batch * 3 * video_frames * height * stride_h * width * stride_w * 4,
-                    trained_tokens=(tf // pt) * (th // ph) * (tw // pw))
+                    trained_tokens=(tf // pt) * (th // ph) * (tw // pw), batch=batch)
 
 
 def check_size(task: TaskConfig, size: Union[str, Size, None], *, has_image: bool = False,
