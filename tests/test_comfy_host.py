@@ -265,6 +265,10 @@ def test_core_nodes_are_declared_as_the_offline_tests_assume(object_info):
 def test_example_workflows_are_listed_as_the_packs_templates(server):
     templates = server.get("/workflow_templates")
     assert sorted(templates.get(PACK_LINK_NAME, [])) == sorted(n.removesuffix(".json") for n in workflows.WORKFLOWS)
+    for name in workflows.WORKFLOWS:  # the template browser's card picture, where the editor asks for it
+        thumbnail = name.removesuffix(".json") + workflows.THUMBNAIL_SUFFIX
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_LINK_NAME}/{thumbnail}") as resp:
+            assert resp.status == 200 and resp.read(3) == b"\xff\xd8\xff", thumbnail
 
 
 @pytest.mark.parametrize("name", workflows.WORKFLOWS)

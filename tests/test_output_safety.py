@@ -252,3 +252,16 @@ def test_unexpected_errors_are_one_line_not_a_traceback(monkeypatch, tiny_folder
     assert rc == 1
     assert "error: RuntimeError: CUDA error: out of memory (set WAN22_DEBUG=1 to see the traceback)" in err
     assert "Traceback" not in err
+
+
+def test_a_huge_request_says_what_it_needs_before_anything_loads(no_loading, tiny_folders, tmp_path, caplog):
+    caplog.set_level("INFO", logger="wan_core")
+    rc = main(["generate", "--task", "t2v-A14B", "--ckpt_dir", str(tiny_folders["t2v-A14B"]), "--prompt", "x",
+               "--size", "4096*4096", "--allow_any_size", "--save_file", str(tmp_path / "huge.mp4")])
+    assert rc == 1 and len(no_loading) == 1  # it got as far as loading (refused by the fixture) ...
+    said = [record.getMessage() for record in caplog.records]
+    work = next(i for i, m in enumerate(said) if m.startswith("work: "))
+    loading = next(i for i, m in enumerate(said) if m.startswith("loading t2v-A14B"))
+    assert work < loading  # ... after saying what the request costs
+    assert "80 DiT forwards over 1,376,256 tokens each" in said[work] and "GiB of activations" in said[work]
+    assert any("4096*4096 is 18.2x the tokens of t2v-A14B's largest trained size" in m for m in said)

@@ -174,21 +174,19 @@ class StopOnCtrlC:
 
 
 def check_args(args: argparse.Namespace) -> tuple[Request, torch.device]:
-    """Every check that needs no model: the request (image decoded), the device, the output."""
+    """The request (its image decoded) and the device, checked without any model."""
     request = Request.check(args.task, size=args.size, frame_num=args.frame_num, image=args.image,
                             steps=args.sample_steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
                             boundary=args.boundary, solver=args.sample_solver,
                             seed=args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize),
                             allow_any_size=args.allow_any_size, names=CLI_NAMES)
-    device = check_device(args.device, "--device")
-    if args.save_file is not None:
-        check_output_path(args.save_file, "--save_file")
-    return request, device
+    return request, check_device(args.device, "--device")
 
 
 def run_generate(args: argparse.Namespace) -> Path:
-    """Check the request and the output path, load the task's models, generate with progress
-    bars, write the video atomically. Returns the path written."""
+    """Check the request, the device and the output path (reserved for this run), then load
+    the task's models, generate with progress bars, write the video atomically. Returns the
+    path written."""
     request, device = check_args(args)
     task = request.task
     save_file = args.save_file or default_save_file(task.name, request.video_size, args.prompt)
