@@ -265,3 +265,15 @@ def test_a_huge_request_says_what_it_needs_before_anything_loads(no_loading, tin
     assert work < loading  # ... after saying what the request costs
     assert "80 DiT forwards over 1,376,256 tokens each" in said[work] and "GiB of activations" in said[work]
     assert any("4096*4096 is 18.2x the tokens of t2v-A14B's largest trained size" in m for m in said)
+
+
+@pytest.mark.parametrize("content", [b"<svg xmlns='http://www.w3.org/2000/svg' width='8' height='8'/>",
+                                     b"\x89PNG\r\n\x1a\n broken"])
+def test_an_unreadable_image_fails_before_any_model_loads(content, no_loading, tiny_folders, tmp_path, capsys):
+    image = tmp_path / "start.png"
+    image.write_bytes(content)
+    rc = main(["generate", "--task", "i2v-A14B", "--ckpt_dir", str(tiny_folders["i2v-A14B"]), "--prompt", "x",
+               "--image", str(image), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--image {image}: not an image Pillow can read" in err, err
+    assert no_loading == [] and "Traceback" not in err
