@@ -265,7 +265,8 @@ class W22MoESampler:
         device = models[0].hosted.device
         batch = samples.shape[0]
         noise = pipeline.initial_noise(tuple(samples.shape), settings.seed, device)
-        work = pipeline.estimate_workload(task, tuple(samples.shape), settings.steps, settings.guide_scale)
+        work = pipeline.estimate_workload(task, tuple(samples.shape), settings.steps, settings.guide_scale,
+                                          high_noise_model.config)
         log.info("Wan2.2 sampling: %s", work.describe())
         if work.oversized > 1:
             log.warning("Wan2.2 sampling: %.1fx the tokens of %s's largest trained video: expect that many times the "

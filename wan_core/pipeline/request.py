@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import torch
 
-from wan_core.configs import TASKS, TaskConfig, get_task
+from wan_core.configs import TASKS, DiTConfig, TaskConfig, get_task
 from wan_core.sampling.guidance import GuideScale, check_guide_scale
 from wan_core.sampling.schedule import check_boundary, check_denoise, check_shift, check_solver, check_steps
 
@@ -197,14 +197,19 @@ class Workload:
         return self.tokens / self.batch / max(1, self.trained_tokens)
 
     def describe(self) -> str:
-        return (f"{self.forwards} DiT forwards over {self.tokens:,} tokens each (~{self.flops / 1e15:,.1f} PFLOP in "
-                f"all); ~{_gib(self.activation_bytes)} of activations per forward besides the weights "
-                f"({self.parameters / 1e9:.1f}B parameters per expert); the decoded video takes "
-                f"{_gib(self.video_bytes)}")
+        return (f"{self.forwards} DiT forwards over {self.tokens:,} tokens each (~{_scaled(self.flops, FLOP_UNITS)} "
+                f"in all); ~{_scaled(self.activation_bytes, BYTE_UNITS)} of activations per forward besides the "
+                f"weights ({self.parameters / 1e9:.2f}B parameters per expert); the decoded video takes "
+                f"{_scaled(self.video_bytes, BYTE_UNITS)}")
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:,.1f} GiB"
+FLOP_UNITS = ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1.0, "FLOP"))
+BYTE_UNITS = ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB"), (1, "bytes"))
+
+
+def _scaled(value: float, units: tuple[tuple[float, str], ...]) -> str:
+    size, name = next(((size, name) for size, name in units if value >= size), units[-1])
+    return f"{value / size:,.1f} {name}"
 
 
 @dataclass(frozen=True)
@@ -255,13 +260,14 @@ class Request:
         return estimate_workload(self.task, self.latent_shape(), self.sampling.steps, self.sampling.guide_scale)
 
 
-def estimate_workload(task: TaskConfig, shape: Sequence[int], steps: int,
-                      guide_scale: Union[float, GuideScale]) -> Workload:
+def estimate_workload(task: TaskConfig, shape: Sequence[int], steps: int, guide_scale: Union[float, GuideScale],
+                      dit: Optional[DiTConfig] = None) -> Workload:
     """What sampling a latent of `shape` [B, C, F, H, W] for `steps` costs (Workload): each
-    step runs the conditional pass and, unless every guidance scale is 1, the unconditional one."""
+    step runs the conditional pass and, unless every guidance scale is 1, the unconditional one.
+    `dit`: the loaded model's shape (default: the task's full-size one)."""
     scales = tuple(guide_scale) if isinstance(guide_scale, GuideScale) else (guide_scale,)
     forwards = steps * (1 if all(scale == 1.0 for scale in scales) else 2)
-    dit = task.dit
+    dit = dit or task.dit
     batch, _, frames, height, width = shape
     pt, ph, pw = dit.patch_size
     tokens = batch * (frames // pt) * (height // ph) * (width // pw)
