@@ -199,11 +199,12 @@ class Workload:
     def describe(self) -> str:
         return (f"{self.forwards} DiT forwards over {self.tokens:,} tokens each (~{_scaled(self.flops, FLOP_UNITS)} "
                 f"in all); ~{_scaled(self.activation_bytes, BYTE_UNITS)} of activations per forward besides the "
-                f"weights ({self.parameters / 1e9:.2f}B parameters per expert); the decoded video takes "
+                f"weights ({_scaled(self.parameters, COUNT_UNITS)} parameters per expert); the decoded video takes "
                 f"{_scaled(self.video_bytes, BYTE_UNITS)}")
 
 
-FLOP_UNITS = ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1.0, "FLOP"))
+FLOP_UNITS = ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1.0, "FLOP"))
+COUNT_UNITS = ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1.0, ""))
 BYTE_UNITS = ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB"), (1, "bytes"))
 
 
