@@ -20,13 +20,20 @@ How ComfyUI's memory requests reach our models (read from ComfyUI's `main.py`, `
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import sys
 import threading
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Optional, TypeVar
 
+import numpy as np
 import torch
+
+from wan_core.loading import INDEX_SUFFIX
 
 try:  # ComfyUI puts its root folder on sys.path; elsewhere these imports fail.
     import folder_paths
@@ -70,17 +77,43 @@ def model_folders(kind: str) -> list[Path]:
 
 
 def list_models(kind: str) -> list[str]:
-    """File names (relative to their folder, "/"-separated) of the models of `kind`, sorted."""
+    """File names (relative to their folder, "/"-separated) of the models of `kind`, sorted.
+
+    A sharded checkpoint (an official release folder: `*.safetensors.index.json` beside its
+    shards) is one entry, its index file; shards are never offered alone, since none loads by
+    itself (a shard is a file its folder's index names, or one named `*-00001-of-00006.*`)."""
     _check_kind(kind)
     if IN_COMFYUI:
-        return folder_paths.get_filename_list(kind)
-    names = set()
+        names = set(folder_paths.get_filename_list(kind))
+    else:
+        names = set()
+        for folder in model_folders(kind):
+            if folder.is_dir():
+                for path in folder.rglob("*"):
+                    if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file():
+                        names.add(path.relative_to(folder).as_posix())
+    indexes, shards = _sharded_checkpoints(kind)
+    return sorted((names - shards - {n for n in names if SHARD_NAME.search(n)}) | indexes)
+
+
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.[a-z]+$", re.IGNORECASE)
+
+
+def _sharded_checkpoints(kind: str) -> tuple[set[str], set[str]]:
+    """(index files, the shards they name), relative to the `kind` folders."""
+    indexes, shards = set(), set()
     for folder in model_folders(kind):
-        if folder.is_dir():
-            for path in folder.rglob("*"):
-                if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file():
-                    names.add(path.relative_to(folder).as_posix())
-    return sorted(names)
+        if not folder.is_dir():
+            continue
+        for index in folder.rglob(f"*{INDEX_SUFFIX}"):
+            relative = index.relative_to(folder)
+            indexes.add(relative.as_posix())
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            except (OSError, ValueError, AttributeError):
+                continue  # listed anyway: loading it reports what is wrong with it
+            shards.update((relative.parent / str(shard)).as_posix() for shard in set(weight_map.values()))
+    return indexes, shards
 
 
 def model_path(kind: str, name: str) -> Path:
@@ -90,15 +123,12 @@ def model_path(kind: str, name: str) -> Path:
         full = folder_paths.get_full_path(kind, name)
         if full is not None:
             return Path(full)
-    else:
-        for folder in model_folders(kind):
-            candidate = folder / name
-            if candidate.is_file():
-                return candidate
-    folders = ", ".join(str(f) for f in model_folders(kind)) or f"none (set {MODELS_DIR_ENV})"
-    raise FileNotFoundError(
-        f"model {name!r} not found in the {kind} folders ({folders}); put the file there "
-        f"or pick one of {list_models(kind)[:10]}")
+    for folder in model_folders(kind):
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"model {name!r} not found in models/{kind}; put the file there and press "
+                            f"Refresh, or pick one of {list_models(kind)[:10]}")
 
 
 def _check_kind(kind: str) -> None:
@@ -109,22 +139,59 @@ def _check_kind(kind: str) -> None:
 # --- progress and interruption --------------------------------------------------------------
 
 class Progress:
-    """Progress of one long node run, shown on the node's bar in ComfyUI; silent elsewhere."""
+    """Progress of one long node run: in ComfyUI the node's bar (with an optional preview
+    picture) and a console line per update (`label` names the work, e.g. "Wan2.2 sampling");
+    silent elsewhere."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, label: str = ""):
         self.total = int(total)
         self.current = 0
+        self.label = label
         self._bar = _comfy_utils.ProgressBar(self.total) if IN_COMFYUI else None
+        self._console = None
 
     def update(self, steps: int = 1) -> None:
         self.set(self.current + steps)
 
-    def set(self, current: int, total: Optional[int] = None) -> None:
+    def set(self, current: int, total: Optional[int] = None, preview: Optional[np.ndarray] = None) -> None:
+        """Show `current` of `total`; `preview` an [H, W, 3] uint8 picture for the node (shown
+        only when the host's preview setting allows)."""
         if total is not None:
             self.total = int(total)
         self.current = min(int(current), self.total)
         if self._bar is not None:
-            self._bar.update_absolute(self.current, self.total)
+            shown = _preview_payload(preview) if preview is not None else None
+            self._bar.update_absolute(self.current, self.total, shown)
+            self._print_console_line()
+
+    def _print_console_line(self) -> None:
+        from tqdm import tqdm
+
+        if self._console is None:
+            self._console = tqdm(total=self.total, desc=self.label or "Wan2.2", unit="step", file=sys.stderr,
+                                 dynamic_ncols=True)
+        self._console.total = self.total
+        self._console.update(self.current - self._console.n)
+        if self.current >= self.total:
+            self._console.close()
+
+
+def previews_enabled() -> bool:
+    """Whether the host wants sampler previews: ComfyUI's preview method (its --preview-method,
+    or the client's per-prompt choice) is not "none"; never outside ComfyUI."""
+    if not IN_COMFYUI:
+        return False
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def _preview_payload(picture: np.ndarray):
+    """What ComfyUI's progress bar takes as a preview: ("JPEG", PIL image, max size)."""
+    from PIL import Image
+    from comfy.cli_args import args
+
+    return "JPEG", Image.fromarray(picture), args.preview_size
 
 
 def check_interrupt() -> None:
@@ -150,14 +217,14 @@ def step_callback(total: int) -> Callable[..., None]:
     return on_step
 
 
-def progress_callback() -> Callable[..., None]:
+def progress_callback(label: str = "") -> Callable[..., None]:
     """A callback for wan_core's loops, called as `callback(done, total, ...)` after each
-    step: stops on interrupt, then shows done/total on the node's bar."""
-    progress = Progress(0)
+    step: stops on interrupt, then shows done/total on the node's bar and the console."""
+    progress = Progress(0, label)
 
-    def on_progress(done: int, total: int, *_args: Any) -> None:
+    def on_progress(done: int, total: int, *_args: Any, preview: Optional[np.ndarray] = None) -> None:
         check_interrupt()
-        progress.set(done, total)
+        progress.set(done, total, preview)
 
     on_progress.progress = progress
     return on_progress
@@ -204,16 +271,17 @@ class HostedModel:
     """
 
     def __init__(self, model: Any, role: str, *, module: Optional[torch.nn.Module] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, label: str = ""):
         _check_role(role)
         self.model = model
         self.module = module if module is not None else model
         self.role = role
+        self.label = label or type(self.module).__name__
         self.device = torch.device(device) if device is not None else compute_device(role)
         self._patcher = None
         if IN_COMFYUI:
             self._patcher = _model_patcher.ModelPatcher(
-                _Managed(self.module), load_device=self.device, offload_device=offload_device(role))
+                _managed(self.module, self.label), load_device=self.device, offload_device=offload_device(role))
 
 
 class _Managed(torch.nn.Module):
@@ -224,6 +292,12 @@ class _Managed(torch.nn.Module):
     def __init__(self, module: torch.nn.Module):
         super().__init__()
         self.inner = module
+
+
+def _managed(module: torch.nn.Module, label: str) -> _Managed:
+    """A _Managed whose class is named after what it holds: ComfyUI's console says "Requested
+    to load <class name>", which should read e.g. "Wan2.2 t2v-A14B DiT (wan2.2_t2v_...)"."""
+    return type(label, (_Managed,), {"__module__": __name__})(module)
 
 
 def load_to_compute(models: Iterable[HostedModel]) -> None:
@@ -327,7 +401,8 @@ model_cache = ModelCache()
 
 def add_get_route(path: str, handler: Callable[[dict[str, str]], Any]) -> bool:
     """Serve `GET path` on ComfyUI's server: `handler(query) -> JSON-able`, or ValueError/
-    FileNotFoundError for a 400 answer. Returns False outside ComfyUI (no server)."""
+    FileNotFoundError for a 400 answer {"error": message}; any other failure is a 500 answer
+    with a short message (the traceback goes to the log). Returns False outside ComfyUI."""
     if not IN_COMFYUI:
         return False
     from aiohttp import web
@@ -338,6 +413,10 @@ def add_get_route(path: str, handler: Callable[[dict[str, str]], Any]) -> bool:
             return web.json_response(handler(dict(request.rel_url.query)))
         except (ValueError, FileNotFoundError) as err:
             return web.json_response({"error": str(err)}, status=400)
+        except Exception as err:  # the details go to the server's log, not to the browser
+            logging.getLogger(__name__).exception("GET %s failed", path)
+            return web.json_response({"error": f"the server failed ({type(err).__name__}); see its console"},
+                                     status=500)
 
     server.PromptServer.instance.routes.get(path)(serve)
     return True

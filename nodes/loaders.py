@@ -6,6 +6,7 @@ registered with ComfyUI's model manager through `host.HostedModel`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from collections import OrderedDict
 from typing import Optional
@@ -164,8 +165,9 @@ class W22ModelLoader:
                 module.compile_blocks()
             source = ExpertSource(str(path), str(DTYPES[weight_dtype]).removeprefix("torch."), quant, backend,
                                   compile_blocks)
-            return WanModel(host.HostedModel(module, "diffusion"), task_for_model_type(module.config.model_type),
-                            model_name, source=source)
+            task = task_for_model_type(module.config.model_type)
+            return WanModel(host.HostedModel(module, "diffusion", label=f"Wan2.2 {task.name} DiT ({model_name})"),
+                            task, model_name, source=source)
 
         model = host.model_cache.get_or_load(("dit", str(path), weight_dtype, quantization, backend, compile_blocks), load)
         return {"ui": {"text": [model.describe() + shown]}, "result": (model,)}
@@ -203,7 +205,8 @@ class W22TextEncoderLoader:
 
         def load() -> WanTextEncoder:
             encoder = load_text_encoder(path, dtype=DTYPES[weight_dtype], device=host.offload_device("text"))
-            hosted = host.HostedModel(encoder, "text", module=encoder.model, device=run_on)
+            hosted = host.HostedModel(encoder, "text", module=encoder.model, device=run_on,
+                                      label=f"Wan2.2 umt5 text encoder ({text_encoder_name})")
             return WanTextEncoder(hosted, text_encoder_name)
 
         return (host.model_cache.get_or_load(("text", str(path), weight_dtype, device), load),)
@@ -236,7 +239,7 @@ class W22VAELoader:
 
         def load() -> WanVAE:
             vae = load_vae(path, dtype=DTYPES[weight_dtype], device=host.offload_device("vae"))
-            return WanVAE(host.HostedModel(vae, "vae"), vae_name)
+            return WanVAE(host.HostedModel(vae, "vae", label=f"Wan{vae.version} VAE ({vae_name})"), vae_name)
 
         vae = host.model_cache.get_or_load(("vae", str(path), weight_dtype), load)
         return {"ui": {"text": [vae.describe()]}, "result": (vae,)}
@@ -281,9 +284,22 @@ def _attention_backend(attention: str, dtype: torch.dtype) -> tuple[str, str]:
 
 
 def _model_info(query: dict[str, str]) -> dict:
-    if not query.get("name"):
+    """The /wan22/model_info answer; errors are short and name no server folder (the editor
+    shows them on the loader node)."""
+    name = query.get("name")
+    if not name:
         raise ValueError("GET /wan22/model_info needs ?name=<file in models/diffusion_models>")
-    return detect_model(query["name"])
+    try:
+        return detect_model(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name} is not in models/diffusion_models: add it, then press Refresh") from None
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{name} is not a Wan2.2 diffusion model: {_without_folders(str(error))}") from None
+
+
+def _without_folders(message: str) -> str:
+    """`message` with every absolute path cut to its last part (no server folders shown)."""
+    return re.sub(r"(?:[A-Za-z]:)?[/\\](?:[^\s'\",;:()/\\]+[/\\])+", "", message)
 
 
 # The web extension asks which variant a file is (and the sizes it takes) before it is loaded.

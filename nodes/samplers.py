@@ -8,25 +8,31 @@ The video latent node stores what the sampler needs besides the noise (the i2v c
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
 
 from wan_core import pipeline
 from wan_core.configs import DEFAULT_NEGATIVE_PROMPT
-from wan_core.sampling import SOLVERS, sample
+from wan_core.preview import latent_to_rgb
+from wan_core.sampling import SOLVERS, GuideScale, sample
 from wan_core.vae import Tiling
 
 from . import host
 from .loaders import WanModel, WanTextEncoder, WanVAE
 from .parallel import sample_on_workers
 
+log = logging.getLogger(__name__)
 CONDITION_KEY = "wan22"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_SIZE = 4096
 MAX_LENGTH = 1025
 SAMPLED_TYPES = ("t2v", "i2v", "ti2v")
 SPLITS = ("boundary", "steps")
+# The node inputs that wan_core's request checks speak of (wan_core.pipeline.Request's fields).
+LATENT_NAMES = {"size": "width x height", "frame_num": "length", "image": "start_image"}
+SAMPLER_NAMES = {"guide_scale": "cfg_high_noise / cfg_low_noise", "boundary": "boundary"}
 
 
 class W22TextEncode:
@@ -119,13 +125,16 @@ class W22VideoLatent:
             _check_image("start_image", start_image)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-        pipeline.validate_request(task, size=(width, height), frame_num=length, image=start_image,
-                                  allow_any_size=True)
+        if vae is not None:
+            _check_type("vae", vae, WanVAE, "Wan2.2 VAE Loader")
+            _check_vae_fits(vae, task)  # before sampling, not at decode
+        pipeline.Request.check(task, size=(width, height), frame_num=length,
+                               image=None if start_image is None else start_image[:1], allow_any_size=True,
+                               names=LATENT_NAMES)
         condition: dict[str, Any] = {"task": task.name, "y": None, "first_frame_latent": None}
         if start_image is None:
             shape = pipeline.latent_shape(task, (width, height), length, batch_size)
         else:
-            _check_vae_fits(vae, task)
             host.load_to_compute([vae.hosted])
             encoded = pipeline.encode_image_condition(task, vae.vae, start_image[:1], (width, height), length).cpu()
             if task.dit.model_type == "i2v":
@@ -253,10 +262,8 @@ class W22MoESampler:
         if not isinstance(conditioning, dict) or "context" not in conditioning:
             raise TypeError("conditioning must come from Wan2.2 Text Encode")
         samples, condition = _check_latent(latent, task)
-        if not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be in 0..{MAX_SEED}, got {seed}")
-        if boundary < 0:
-            raise ValueError(f"boundary must be 0 (the model's own) or a fraction in (0, 1), got {boundary}")
+        if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) or not 0 <= boundary < 1:
+            raise ValueError(f"boundary must be 0 (the model's own) or a fraction in (0, 1), got {boundary!r}")
         hand_off = boundary if boundary > 0 else task.boundary
         if hand_off is None and low_noise_model is not None:
             raise ValueError(f"{task.name} is one model with no expert hand-off: disconnect "
@@ -266,27 +273,39 @@ class W22MoESampler:
         if split == "steps" and hand_off is None:
             raise ValueError(f"split='steps' shares the steps between two experts, but {task.name} is one "
                              f"model: use split='boundary'")
+        two = hand_off is not None
+        settings = pipeline.check_sampling(
+            task, steps=steps, shift=shift, boundary=hand_off, solver=solver, seed=seed, denoise=denoise,
+            guide_scale=GuideScale(low_noise=cfg_low_noise, high_noise=cfg_high_noise) if two else cfg_high_noise,
+            experts=2 if two else 1, names=SAMPLER_NAMES)
         memory = memory or {}
 
-        models = [high_noise_model] if hand_off is None else [high_noise_model, low_noise_model or high_noise_model]
+        models = [high_noise_model, low_noise_model or high_noise_model] if two else [high_noise_model]
         device = models[0].hosted.device
         batch = samples.shape[0]
-        settings = dict(
-            noise=pipeline.initial_noise(tuple(samples.shape), seed, device),
+        work = pipeline.estimate_workload(task, tuple(samples.shape), settings.steps, settings.guide_scale,
+                                          high_noise_model.config)
+        log.info("Wan2.2 sampling: %s", work.describe())
+        if work.oversized > 1:
+            log.warning("Wan2.2 sampling: %.1fx the tokens of %s's largest trained video: expect that many times the "
+                        "time per step or more", work.oversized, task.name)
+        sample_inputs = dict(
+            noise=pipeline.initial_noise(tuple(samples.shape), settings.seed, device),
             context=[conditioning["context"].to(device)] * batch,
             context_null=[conditioning["context_null"].to(device)] * batch,
-            steps=steps, shift=shift,
-            guide_scale=cfg_high_noise if hand_off is None else (cfg_low_noise, cfg_high_noise),
-            boundary=hand_off, solver=solver, seed=seed, denoise=denoise,
+            steps=settings.steps, shift=settings.shift, guide_scale=settings.guide_scale,
+            boundary=settings.boundary, solver=settings.solver, seed=settings.seed, denoise=settings.denoise,
             latent_image=samples.to(device) if denoise < 1 else None,
             y=_batched(condition.get("y"), batch, device),
             first_frame_latent=_batched(condition.get("first_frame_latent"), batch, device),
-            high_noise_steps=high_noise_steps if split == "steps" else None,
-            offload_inactive_expert=memory.get("offload_inactive_expert", False) if parallel is not None else False)
+            high_noise_steps=high_noise_steps if split == "steps" else None)
         if parallel is not None:  # the worker processes load and place the models themselves
-            return ({**latent, "samples": sample_on_workers(parallel, models, settings)},)
+            offload = memory.get("offload_inactive_expert", False)
+            return ({**latent, "samples": sample_on_workers(parallel, models,
+                                                            {**sample_inputs, "offload_inactive_expert": offload})},)
         experts = _ExpertPlacement(models, memory.get("offload_inactive_expert", False)).experts
-        result = sample(experts if hand_off is not None else experts[0], **settings, callback=host.progress_callback())
+        on_step, on_denoised = _sampling_progress()
+        result = sample(experts if two else experts[0], **sample_inputs, callback=on_step, denoised_callback=on_denoised)
         return ({**latent, "samples": result.cpu()},)
 
 
@@ -328,11 +347,28 @@ class W22Decode:
                              f"wan2.2_vae with TI2V-5B")
         tile = Tiling(tile_size=(tile_size, tile_size), overlap=(tile_overlap, tile_overlap)) if tiled else None
         host.load_to_compute([vae.hosted])
-        video = vae.vae.decode(samples, tile=tile, callback=host.progress_callback())
+        video = vae.vae.decode(samples, tile=tile, callback=host.progress_callback("Wan2.2 decoding"))
         return (_video_to_images(video),)
 
 
 # --- plumbing between ComfyUI's formats and wan_core's --------------------------------------------
+
+def _sampling_progress():
+    """(callback, denoised_callback) for `sample`: the bar and console line after each step,
+    with a preview of that step's denoised estimate when the host shows previews."""
+    progress = host.progress_callback("Wan2.2 sampling")
+    if not host.previews_enabled():
+        return progress, None
+    latest = {}
+
+    def on_denoised(step: int, total: int, x0: torch.Tensor) -> None:
+        latest["picture"] = latent_to_rgb(x0)
+
+    def on_step(step: int, total: int, *_args) -> None:
+        progress(step, total, preview=latest.pop("picture", None))
+
+    return on_step, on_denoised
+
 
 class _ExpertPlacement:
     """Puts each expert on its compute device when its steps begin.

@@ -70,8 +70,8 @@ def test_ctrl_c_stops_after_the_current_step_and_writes_nothing(tiny_folders, tm
     ("t2v-A14B", ["--size", "640*640"], "size 640*640 is not supported by t2v-A14B; supported sizes "
                                         "(width*height): 720*1280, 1280*720, 480*832, 832*480"),
     ("ti2v-5B", ["--size", "1280*720"], "supported sizes (width*height): 704*1280, 1280*704"),
-    ("t2v-A14B", ["--frame_num", "80"], "frame_num must be 4n+1"),
-    ("i2v-A14B", [], "i2v-A14B animates an image: pass image= (CLI: --image PATH)"),
+    ("t2v-A14B", ["--frame_num", "80"], "--frame_num must be 4n+1"),
+    ("i2v-A14B", [], "i2v-A14B animates an image: pass --image"),
     ("t2v-A14B", ["--sample_steps", "0"], "steps must be a whole number >= 1, got 0"),
     ("t2v-A14B", ["--boundary", "1.5"], "boundary must be a fraction in (0, 1)"),
     ("t2v-A14B", ["--boundary", "0"], "boundary must be a fraction in (0, 1)"),

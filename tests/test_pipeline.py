@@ -27,16 +27,16 @@ BAD_REQUESTS = [
     (dict(task="ti2v-5B", size=(1280, 720)), "1280*704"),
     (dict(task="t2v-A14B", frame_num=80), "frame_num must be 4n+1"),
     (dict(task="t2v-A14B", frame_num=0), "frame_num must be 4n+1"),
-    (dict(task="i2v-A14B"), "i2v-A14B animates an image: pass image="),
+    (dict(task="i2v-A14B"), "i2v-A14B animates an image: pass image"),
     (dict(task="t2v-A14B", image="x.png"), "t2v-A14B takes no image"),
     (dict(task="t2v-A14B", steps=0), "steps must be a whole number >= 1"),
     (dict(task="t2v-A14B", steps=2.5), "steps must be a whole number >= 1"),
     (dict(task="t2v-A14B", boundary=0.0), "boundary must be a fraction in (0, 1)"),
     (dict(task="t2v-A14B", boundary=1.0), "boundary must be a fraction in (0, 1)"),
     (dict(task="i2v-A14B", image="x.png", boundary=1.5), "boundary must be a fraction in (0, 1)"),
-    (dict(task="ti2v-5B", size=(1280, 704), boundary=0.5), "ti2v-5B runs one model; boundary"),
-    (dict(task="ti2v-5B", size=(1280, 704), guide_scale=(3.0, 4.0)), "guide_scale must be one number"),
-    (dict(task="t2v-A14B", shift=0), "shift must be a number > 0"),
+    (dict(task="ti2v-5B", size=(1280, 704), boundary=0.5), "boundary: ti2v-5B runs one model; the boundary"),
+    (dict(task="ti2v-5B", size=(1280, 704), guide_scale=(3.0, 4.0)), "guide_scale: one model runs every step, so it takes one scale"),
+    (dict(task="t2v-A14B", shift=0), "shift must be a finite number > 0"),
     (dict(task="t2v-A14B", solver="ddim"), "unknown solver 'ddim'"),
     (dict(task="t2v-A14B", size=(100, 64), allow_any_size=True), "width a multiple of 16"),
     (dict(task="t2v-A14B", size="1280x"), "is not WIDTH*HEIGHT"),
@@ -59,10 +59,13 @@ def test_unsupported_size_lists_the_supported_ones():
         assert f"{width}*{height}" in str(error.value)
 
 
-def test_good_requests_pass():
+def test_good_requests_pass(tmp_path):
+    from PIL import Image
+
     validate_request("t2v-A14B", size=(832, 480), frame_num=81, steps=40, shift=12.0, guide_scale=(3.0, 4.0),
                      boundary=0.875)
-    validate_request("i2v-A14B", size="480*832", frame_num=1, image="x.png")
+    Image.new("RGB", (48, 32), (200, 10, 10)).save(tmp_path / "x.png")
+    validate_request("i2v-A14B", size="480*832", frame_num=1, image=tmp_path / "x.png")
     validate_request("ti2v-5B", size=(704, 1280), frame_num=121, guide_scale=5.0)
     validate_request("ti2v-5B", size=(64, 32), frame_num=5, allow_any_size=True)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from wan_core.loading import read_state_dict
+from wan_core.testing.compare import PLACEMENT_TOLERANCE, max_relative_error
 from wan_core.testing.text import (OFFICIAL_FILE, TINY_CORPUS, TEXT_LAYOUTS, text_encoder_state_dict,
                                    tiny_spiece_model, tiny_text_config, write_text_encoder_checkpoint,
                                    write_tokenizer_folder)
@@ -57,9 +58,10 @@ def fp32_embeddings(checkpoints) -> dict:
 
 
 def test_official_comfy_and_transformers_layouts_give_identical_embeddings(fp32_embeddings):
+    # identical weights in files laid out differently: equal to MKL's alignment-dependent rounding
     for layout in ("comfy", "transformers"):
         for ours, official in zip(fp32_embeddings[layout], fp32_embeddings["official"]):
-            assert torch.equal(ours, official), layout
+            assert max_relative_error(ours, official) <= PLACEMENT_TOLERANCE, layout
 
 
 def test_official_layout_matches_transformers_loading_its_own_folder(checkpoints, fp32_embeddings):

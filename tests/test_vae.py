@@ -10,6 +10,7 @@ import torch
 from wan_core.loading import convert_layout, to_layout
 from wan_core.testing import (VAE_LAYOUTS, tiny_vae_config, vae_state_dict, write_dit_checkpoint,
                               write_text_encoder_checkpoint, write_vae_checkpoint)
+from wan_core.testing.compare import PLACEMENT_TOLERANCE, max_relative_error
 from wan_core.testing.vae import diffusers_vae_config
 from wan_core.vae import VAE_CONFIGS, Tiling, WanVAE, detect_vae_config, load_vae
 
@@ -121,7 +122,8 @@ def test_every_layout_loads_to_identical_outputs(tmp_path, version):
         assert (vae.version, vae.z_dim, vae.stride) == (version, reference.z_dim, reference.stride)
         assert vae.state_dict().keys() == expected_weights.keys()
         assert all(torch.equal(v, expected_weights[k]) for k, v in vae.state_dict().items()), layout
-        assert torch.equal(vae.decode(latent), expected), layout
+        # the same weights memory-mapped from another layout: equal to MKL's alignment-dependent rounding
+        assert max_relative_error(vae.decode(latent), expected) <= PLACEMENT_TOLERANCE, layout
 
 
 def test_dtype_and_device_are_honoured(tmp_path):

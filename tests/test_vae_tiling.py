@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wan_core.testing import tiny_vae_config, vae_state_dict
+from wan_core.testing import PLACEMENT_TOLERANCE, max_relative_error, tiny_vae_config, vae_state_dict
 from wan_core.vae import Tiling, WanVAE
 from wan_core.vae.tiling import plan_axis, plan_tiles
 
@@ -52,9 +52,12 @@ def test_axis_plan_invariants(length, tile, overlap):
 def test_a_tile_covering_the_frame_is_the_untiled_result(vae):
     s = vae.stride[1]
     latent = latent_for(vae, 2, 3, 4)
-    assert torch.equal(vae.decode(latent, tile=Tiling((4 * s, 4 * s), (s, s))), vae.decode(latent))
+    # a tile is a view at an offset: equal to MKL's alignment-dependent rounding (PLACEMENT_TOLERANCE)
+    tiled = vae.decode(latent, tile=Tiling((4 * s, 4 * s), (s, s)))
+    assert max_relative_error(tiled, vae.decode(latent)) <= PLACEMENT_TOLERANCE
     video = vae.decode(latent)
-    assert torch.equal(vae.encode(video, tile=Tiling((3 * s, 4 * s), (0, 0))), vae.encode(video))
+    assert max_relative_error(vae.encode(video, tile=Tiling((3 * s, 4 * s), (0, 0))), vae.encode(video)) \
+        <= PLACEMENT_TOLERANCE
 
 
 def test_tiles_are_used_and_counted(vae):

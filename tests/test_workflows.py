@@ -2,8 +2,16 @@
 
 `ui_to_api` turns a UI-format workflow (what the graph editor saves) into the API format that
 `POST /prompt` takes, the way the editor does it: each node's widget values are assigned, in
-order, to its inputs that are widgets; links become `[source node id, output index]`. The
-real-host tests (test_comfy_host.py) reuse it with the input specs from `/object_info`.
+order, to its inputs that are widgets; links become `[source node id, output index]`. A
+dynamic combo (newer ComfyUI's COMFY_DYNAMICCOMBO_V3, e.g. SaveVideo's format) is followed by
+the widgets of its chosen option, named "<combo>.<input>" ("format.codec"). Widgets a host has
+that the workflow has no value for (inputs added after it was saved, like CreateVideo's
+bit_depth) take their declared default. The real-host tests (test_comfy_host.py) reuse it with
+the input specs from `/object_info`.
+
+Every file in example_workflows/ is checked; those of other tasks are held to the same rules:
+registered nodes, valid widgets, a thumbnail beside it, seeds that randomize, and on every node
+that names a model file, `properties.models` with its download URL and folder.
 """
 from __future__ import annotations
 
@@ -17,13 +25,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO_ROOT / "example_workflows"
-WORKFLOWS = ("t2v_A14B.json", "i2v_A14B.json", "ti2v_5B.json", "t2v_A14B_lightning.json", "i2v_A14B_lightning.json")
+ALL_WORKFLOWS = tuple(sorted(p.name for p in WORKFLOW_DIR.glob("*.json")))
 S2V_WORKFLOWS = ("s2v_14B.json", "s2v_14B_pose.json")
-ALL_WORKFLOWS = WORKFLOWS + S2V_WORKFLOWS
+WORKFLOWS = tuple(name for name in ALL_WORKFLOWS if name not in S2V_WORKFLOWS)  # the MoE-sampler graphs
 # The node that makes each workflow's frames, and the pack nodes it must have.
 FRAMES_FROM = {**{name: "W22Decode" for name in WORKFLOWS}, **{name: "W22SpeechToVideo" for name in S2V_WORKFLOWS}}
 REQUIRED_NODES = {**{name: {"W22ModelLoader", "W22MoESampler", "W22Decode"} for name in WORKFLOWS},
                   **{name: {"W22ModelLoader", "W22AudioEncoderLoader", "W22SpeechToVideo"} for name in S2V_WORKFLOWS}}
+THUMBNAIL_SUFFIX = ".jpg"  # the editor's template browser asks for <name>.jpg beside a pack's workflow
 
 # Frontend-only nodes: the editor never sends them to the server.
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -46,7 +55,9 @@ AUDIO_CORE_NODES = {"LoadAudio"}
 CORE_NODES = set(CORE_NODE_INPUTS)
 CORE_OUTPUTS = {"LoadImage": ["IMAGE", "MASK"], "CreateVideo": ["VIDEO"], "SaveVideo": [], "LoadAudio": ["AUDIO"],
                 "LoadVideo": ["VIDEO"], "GetVideoComponents": ["IMAGE", "AUDIO", "FLOAT"]}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
+MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
 MODE_ACTIVE = 0
 
 # Model files as ComfyUI's repackaged Wan2.2 release names them, by model folder.
@@ -117,14 +128,43 @@ def extra_widget_values(spec: tuple | list) -> int:
 
 
 def ordered_inputs(input_types: dict) -> list[tuple[str, Any]]:
-    """(name, spec) in the order the editor creates widgets: required, then optional."""
+    """(name, spec) in the order the editor creates widgets: required, then optional (hidden
+    inputs, which the editor never shows, left out)."""
     order = input_types.get("input_order")
     result = []
     for section in ("required", "optional"):
         specs = input_types.get(section, {})
         names = order.get(section, list(specs)) if order else list(specs)
-        result += [(n, specs[n]) for n in names]
+        result += [(n, specs[n]) for n in names if not _options(specs[n]).get("hidden")]
     return result
+
+
+def _options(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def default_value(spec) -> Any:
+    """The value a new widget of `spec` starts with: its default, else the first choice."""
+    options = _options(spec)
+    if "default" in options:
+        return options["default"]
+    if isinstance(spec[0], (list, tuple)):
+        return spec[0][0]
+    choices = options.get("options", [])
+    if choices:
+        return choices[0]["key"] if isinstance(choices[0], dict) else choices[0]
+    raise ValueError(f"no default for a {spec[0]} widget")
+
+
+def _dynamic_choice_inputs(spec, value, strict: bool = True) -> dict:
+    """The inputs (required + optional) of the chosen option of a dynamic combo (none for an
+    unknown option unless `strict`)."""
+    option = next((o for o in _options(spec).get("options", []) if o.get("key") == value), None)
+    if option is None:
+        if not strict:
+            return {}
+        raise ValueError(f"{value!r} is not an option of this dynamic combo")
+    return option.get("inputs", {})
 
 
 def ui_to_api(workflow: dict, node_inputs: dict[str, dict]) -> dict:
@@ -137,16 +177,20 @@ def ui_to_api(workflow: dict, node_inputs: dict[str, dict]) -> dict:
         linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
         values = list(node.get("widgets_values", []))
         inputs: dict[str, Any] = {}
-        for name, spec in ordered_inputs(node_inputs[node["type"]]):
+
+        def assign(name: str, spec) -> None:
             if is_widget(spec):
-                if not values:
-                    raise ValueError(f"node {node['id']} ({node['type']}): no widget value "
-                                     f"left for input {name!r}")
-                inputs[name] = values.pop(0)
+                inputs[name] = values.pop(0) if values else default_value(spec)
                 del values[:extra_widget_values(spec)]
+                if input_kind(spec) == DYNAMIC_COMBO:
+                    for sub_name, sub_spec in ordered_inputs(_dynamic_choice_inputs(spec, inputs[name])):
+                        assign(f"{name}.{sub_name}", sub_spec)
             if name in linked:
                 _, source, slot, *_ = links[linked[name]]
                 inputs[name] = [str(source), slot]
+
+        for name, spec in ordered_inputs(node_inputs[node["type"]]):
+            assign(name, spec)
         if values:
             raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values "
                              f"left over: {values}")
@@ -159,6 +203,10 @@ def widget_errors(prompt: dict, node_inputs: dict[str, dict]) -> list[str]:
     errors = []
     for node_id, node in prompt.items():
         specs = dict(ordered_inputs(node_inputs[node["class_type"]]))
+        for name, value in node["inputs"].items():  # a dynamic combo's chosen inputs
+            if input_kind(specs.get(name, ("",))) == DYNAMIC_COMBO and not isinstance(value, list):
+                specs.update((f"{name}.{n}", spec) for n, spec in ordered_inputs(_dynamic_choice_inputs(
+                    specs[name], value, strict=False)))
         required = node_inputs[node["class_type"]].get("required", {})
         for name in required:
             if name not in node["inputs"]:
@@ -172,7 +220,11 @@ def widget_errors(prompt: dict, node_inputs: dict[str, dict]) -> list[str]:
                 continue
             kind = input_kind(spec)
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            if kind == "COMBO":
+            if kind == DYNAMIC_COMBO:
+                choices = [o["key"] for o in options.get("options", [])]
+                if value not in choices:
+                    errors.append(f"node {node_id}: {name}={value!r} not in {choices[:8]}")
+            elif kind == "COMBO":
                 choices = spec[0] if isinstance(spec[0], (list, tuple)) else options.get("options", [])
                 if value not in choices:
                     errors.append(f"node {node_id}: {name}={value!r} not in {list(choices)[:8]}")
@@ -339,3 +391,74 @@ def test_s2v_workflow_uses_the_release_files_and_reference_settings(name, node_i
         assert prompt[pose["inputs"]["video"][0]]["class_type"] == "LoadVideo"
     else:
         assert "pose_video" not in s2v
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
+def test_workflow_has_a_thumbnail_for_the_template_browser(name):
+    from PIL import Image
+
+    thumbnail = WORKFLOW_DIR / (name.removesuffix(".json") + THUMBNAIL_SUFFIX)
+    assert thumbnail.is_file(), f"{name}: no {thumbnail.name} beside it"
+    with Image.open(thumbnail) as picture:
+        assert picture.format == "JPEG" and min(picture.size) >= 256, (name, picture.format, picture.size)
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
+def test_workflow_seeds_randomize(name, node_inputs):
+    """A shared workflow queued twice should give two videos: seed widgets ship as "randomize"."""
+    for node in load_workflow(name)["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        values = list(node.get("widgets_values", []))
+        for input_name, spec in ordered_inputs(node_inputs[node["type"]]):
+            if not is_widget(spec) or not values:
+                continue
+            values.pop(0)
+            if _options(spec).get("control_after_generate"):
+                assert values[0] == "randomize", f"{name}: node {node['id']} {input_name} is {values[0]!r}"
+            del values[:extra_widget_values(spec)]
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
+def test_every_model_file_has_its_download_in_properties_models(name):
+    """The editor offers to download missing models from `properties.models`: every widget value
+    that names a model file is listed there with its folder and the release's URL."""
+    for node in load_workflow(name)["nodes"]:
+        files = [v for v in node.get("widgets_values", []) if isinstance(v, str) and v.endswith(MODEL_FILE_SUFFIXES)]
+        listed = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
+        for file in files:
+            assert file in listed, f"{name}: node {node['id']} ({node['type']}) has no properties.models for {file}"
+            model = listed[file]
+            assert set(model) >= {"name", "url", "directory"}, model
+            assert model["url"].startswith("https://huggingface.co/Comfy-Org/"), model
+            assert model["url"].endswith(f"/{model['directory']}/{file}"), model
+            known = [kind for kind, names in REPACKAGED.items() if file in names]
+            assert known in ([], [model["directory"]]), (file, model["directory"], known)
+
+
+def test_the_converter_follows_dynamic_combos_and_fills_new_widgets_with_defaults():
+    """Newer hosts: SaveVideo's format is a dynamic combo with a nested codec, CreateVideo has a
+    new optional bit_depth widget; a workflow saved on an older host still converts."""
+    codec = ["COMFY_DYNAMICCOMBO_V3", {"options": [{"key": "auto", "inputs": {"required": {}}},
+                                                   {"key": "h264", "inputs": {"required": {}}}]}]
+    inputs = {
+        "SaveVideo": {"required": {"video": ["VIDEO", {}], "filename_prefix": ["STRING", {"default": "v"}],
+                                   "format": ["COMFY_DYNAMICCOMBO_V3", {"options": [
+                                       {"key": "auto", "inputs": {"required": {"codec": codec}}},
+                                       {"key": "webm", "inputs": {"required": {"codec": codec}}}]}]},
+                      "optional": {"codec": ["COMFY_DYNAMICCOMBO_V3", {"hidden": True}]}},
+        "CreateVideo": {"required": {"images": ["IMAGE", {}], "fps": ["FLOAT", {"default": 30.0}]},
+                        "optional": {"audio": ["AUDIO", {}], "bit_depth": ["INT", {"default": 8, "min": 8, "max": 10}]}},
+    }
+    workflow = {"links": [[1, 1, 0, 2, 0, "VIDEO"]], "nodes": [
+        {"id": 1, "type": "CreateVideo", "inputs": [], "widgets_values": [16]},
+        {"id": 2, "type": "SaveVideo", "inputs": [{"name": "video", "link": 1}],
+         "widgets_values": ["video/x", "webm", "h264"]}]}
+    prompt = ui_to_api(workflow, inputs)
+    assert prompt["1"]["inputs"] == {"fps": 16, "bit_depth": 8}
+    assert prompt["2"]["inputs"] == {"video": ["1", 0], "filename_prefix": "video/x", "format": "webm",
+                                     "format.codec": "h264"}
+    save = {"2": prompt["2"]}
+    assert widget_errors(save, inputs) == []
+    save["2"]["inputs"]["format.codec"] = "av2"
+    assert widget_errors(save, inputs) == ["node 2: format.codec='av2' not in ['auto', 'h264']"]

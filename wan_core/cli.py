@@ -13,6 +13,11 @@ stops at once.
 Several GPUs (the reference's recipe): `torchrun --nproc_per_node N -m wan_core generate
 --ulysses_size N [--dit_fsdp --t5_fsdp] ...`, or N = 2U with `--ulysses_size U --cfg_parallel`;
 rank 0 alone writes the video and the latent (wan_core.parallel).
+
+Everything that needs no model (the request, the image, the device, the output path) is
+checked before any model loads. Ctrl-C during sampling or decoding stops after the current step
+(or decoded latent frame) without writing a video; a second Ctrl-C stops at once, as does one
+while the video is written (an existing file at --save_file is then left as it was).
 """
 from __future__ import annotations
 
@@ -37,11 +42,14 @@ from wan_core.configs import TASKS
 from wan_core.ops.attention import AUTO, auto_reason, available_backends, resolve_backend
 from wan_core.parallel.groups import ParallelConfig, init_distributed
 from wan_core.parallel.launch import any_rank, distribute_task_models, same_on_all_ranks
-from wan_core.pipeline import (GenerationInterrupted, default_size, format_size, load_task_models, parse_size,
-                               resolve_task, validate_request)
+from wan_core.pipeline import (GenerationInterrupted, Request, check_device, default_size, format_size,
+                               load_task_models, parse_size, resolve_task)
+from wan_core.sampling import GuideScale
 from wan_core.sampling.schedule import SOLVERS
+from wan_core.video import VIDEO_FORMATS, OutputLock, check_output_path, write_video
 
 log = logging.getLogger("wan_core")
+DEBUG_ENV = "WAN22_DEBUG"
 
 GENERATE_TASKS = tuple(TASKS)
 QUANT_CHOICES = ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
@@ -57,7 +65,8 @@ def _str2bool(value: str) -> bool:
 
 
 def _guide_scale(value: str):
-    """"5.0" -> 5.0; "3.0,4.0" -> (low_noise, high_noise) like the reference config."""
+    """"5.0" -> 5.0; "3.0,4.0" -> GuideScale(low_noise=3.0, high_noise=4.0), the reference config's
+    order. Non-finite numbers are refused by the request check."""
     try:
         numbers = [float(part) for part in value.split(",")]
     except ValueError:
@@ -65,7 +74,7 @@ def _guide_scale(value: str):
     if len(numbers) == 1:
         return numbers[0]
     if len(numbers) == 2:
-        return tuple(numbers)
+        return GuideScale(*numbers)
     raise argparse.ArgumentTypeError(f"expected a number or LOW,HIGH (e.g. 3.0,4.0), got {value!r}")
 
 
@@ -106,8 +115,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boundary", type=float, default=None,
                         help="MoE hand-off as a fraction of 1000 timesteps (default: 0.875 t2v, 0.9 i2v).")
     parser.add_argument("--base_seed", type=int, default=-1, help="Noise seed; negative picks a random one.")
-    parser.add_argument("--save_file", default=None, help="The mp4 to write (default: a name from task, size, "
-                                                          "prompt and time).")
+    parser.add_argument("--save_file", default=None,
+                        help=f"The video to write, {'/'.join(VIDEO_FORMATS)} (default: an mp4 named from task, size, "
+                             f"prompt and time). Checked before any model loads; written to a temporary file and "
+                             f"renamed into place when complete, so an existing file is never left half-written.")
     parser.add_argument("--device", default=None, help="Where sampling runs (default: cuda if available, else cpu).")
     parser.add_argument("--quant", default=None, choices=QUANT_CHOICES,
                         help="Keep the DiT block weights in fp8 (per-tensor scale, bf16/fp32 compute); "
@@ -163,22 +174,34 @@ def default_save_file(task: str, size: tuple[int, int], prompt: str) -> str:
     return f"{task}_{size[0]}x{size[1]}_{words}_{datetime.now().strftime('%Y%m%d_%H%M%S')}.mp4"
 
 
+# The names the CLI shows for a request's fields (wan_core.pipeline.Request's messages).
+CLI_NAMES = {"size": "--size", "frame_num": "--frame_num", "image": "--image", "steps": "--sample_steps",
+             "shift": "--sample_shift", "guide_scale": "--sample_guide_scale", "boundary": "--boundary",
+             "solver": "--sample_solver", "seed": "--base_seed"}
+# What the first Ctrl-C waits for, by phase; while the video is written it stops at once (the
+# temporary file is dropped, an existing file stays as it was).
+STOP_POINTS = {"sampling": "this step", "decoding": "this latent frame is decoded"}
+
+
 class StopOnCtrlC:
-    """While active, the first Ctrl-C only asks to stop (checked after each sampling step); a
-    second one interrupts at once. Does nothing outside the main thread."""
+    """While active, the first Ctrl-C only asks to stop (checked after each sampling step and
+    each decoded latent frame); a second one interrupts at once, and so does the first while
+    the video is being written (`phase = "writing"`). Does nothing outside the main thread."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.phase = "sampling"
         self._previous = None
 
     def __call__(self) -> bool:
         return self.requested
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested or self.phase not in STOP_POINTS:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (press Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        print(f"\nstopping after {STOP_POINTS[self.phase]}; no video will be written (press Ctrl-C again to stop "
+              f"now)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopOnCtrlC":
         if threading.current_thread() is threading.main_thread():
@@ -190,39 +213,61 @@ class StopOnCtrlC:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def check_args(args: argparse.Namespace, seed: int) -> tuple[Request, torch.device]:
+    """The request (its image decoded) and the device, checked without any model."""
+    request = Request.check(args.task, size=args.size, frame_num=args.frame_num, image=args.image,
+                            steps=args.sample_steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
+                            boundary=args.boundary, solver=args.sample_solver, seed=seed,
+                            allow_any_size=args.allow_any_size, names=CLI_NAMES)
+    return request, check_device(args.device, "--device")
+
+
+def _seed(args: argparse.Namespace) -> int:
+    return args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize)
+
+
 def run_generate(args: argparse.Namespace) -> Path:
-    """Check the request, load the task's models, generate with a progress bar, write the mp4.
-    Returns the path written."""
-    from tqdm import tqdm
-
-    from wan_core.video import write_video
-
+    """Check the request, the parallel plan, the device and the output path (reserved for this
+    run), then load the task's models, generate with progress bars, write the video atomically.
+    Under torchrun every rank samples its share and rank 0 alone decodes and writes. Returns the
+    path written."""
     task = resolve_task(args.task)
     if task.dit.model_type == "s2v":
         return _run_s2v(args, task)
-    size = parse_size(args.size) if args.size else default_size(task)
-    frame_num = task.frame_num if args.frame_num is None else args.frame_num
-    steps = task.sample_steps if args.sample_steps is None else args.sample_steps
-    validate_request(task, size=size, frame_num=frame_num, image=args.image, steps=steps, shift=args.sample_shift,
-                     guide_scale=args.sample_guide_scale, boundary=args.boundary, solver=args.sample_solver,
-                     allow_any_size=args.allow_any_size)
-    if args.image is not None and not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image}: file not found")
     plan = ParallelConfig(ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
                           t5_fsdp=args.t5_fsdp)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    plan.check(world_size, task.dit.num_heads, task.name)
+    plan.check(int(os.environ.get("WORLD_SIZE", "1")), task.dit.num_heads, task.name)
     if args.t5_fsdp and args.t5_cpu:
         raise ValueError("--t5_fsdp shards the text encoder over the GPUs and --t5_cpu keeps it on the CPU: pick one")
-    device, _ = init_distributed(torch.device(args.device) if args.device else None)
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
-    if not is_main:
+    request, device = check_args(args, _seed(args))
+    save_file = args.save_file or default_save_file(task.name, request.video_size, args.prompt)
+    check_output_path(save_file, "--save_file")
+    device, world_size = init_distributed(device)
+    request = same_on_all_ranks(request)  # rank 0's (its random seed) on every rank
+    if dist.is_initialized() and dist.get_rank() != 0:
         log.setLevel(logging.WARNING)
-    seed = same_on_all_ranks(args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize))
+        _generate_and_write(args, request, device, plan, world_size, None)
+        return Path(save_file)
+    workload = request.workload()
+    log.info("work: %s", workload.describe())
+    if workload.oversized > 1:
+        log.warning("%s is %.1fx the tokens of %s's largest trained size (%s, %d frames): expect %.0fx the time "
+                    "per step or more, and check the memory above", format_size(request.video_size),
+                    workload.oversized, task.name, format_size(default_size(task)), task.frame_num,
+                    workload.oversized)
+    with OutputLock(save_file, unique=args.save_file is None, what="--save_file") as reserved:
+        return _generate_and_write(args, request, device, plan, world_size, reserved.path)
+
+
+def _generate_and_write(args: argparse.Namespace, request: Request, device: torch.device, plan: ParallelConfig,
+                        world_size: int, save_file: Optional[Path]) -> Optional[Path]:
+    """Load, sample (every rank), then decode and write (the rank given a `save_file`)."""
+    from tqdm import tqdm
+
+    task, settings = request.task, request.sampling
     # one GPU: the reference offloads by default; several: each holds its own share
     offload = args.offload_model if args.offload_model is not None else device.type != "cpu" and world_size == 1
     dtype = torch.bfloat16 if args.convert_model_dtype else torch.float32
-
     log.info("loading %s from %s (DiT %s, device %s, offload_model=%s, t5_cpu=%s)", task.name, args.ckpt_dir,
              str(dtype).removeprefix("torch."), device, offload, args.t5_cpu)
     # several processes: the DiTs (and text encoder) wait on the CPU until each rank takes its share
@@ -233,25 +278,47 @@ def run_generate(args: argparse.Namespace) -> Path:
         models.compile_blocks()
     if world_size > 1:
         models, _ = distribute_task_models(models, plan, device, offload_model=offload, t5_cpu=args.t5_cpu)
-    log.info("generating %d frames at %s, %d steps, seed %d", frame_num, format_size(size), steps, seed)
-    with tqdm(total=steps, desc=task.name, unit="step", file=sys.stderr, disable=not is_main) as bar, \
-            StopOnCtrlC() as stop:
-        latent = models.generate(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, size=size, frame_num=frame_num,
-            image=args.image, steps=steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
-            boundary=args.boundary, solver=args.sample_solver, seed=seed, allow_any_size=args.allow_any_size,
-            callback=lambda step, total, latent: bar.update(1), interrupt=any_rank(stop, device), output="latent")
-    save_file = Path(args.save_file or default_save_file(task.name, size, args.prompt))
-    if not is_main:
-        return save_file
-    if args.save_latent:
-        save_file_safetensors({"latent": latent.float().cpu().contiguous()}, args.save_latent)
-        log.info("saved the latent %s to %s", tuple(latent.shape), args.save_latent)
-    video = models.vae.decode(latent.to(device=models.vae.device, dtype=models.vae.dtype))[0]
-    write_video(video, save_file, fps=task.sample_fps)
+    log.info("generating %d frames at %s, %d steps, seed %d", request.frame_num, format_size(request.video_size),
+             settings.steps, settings.seed)
+    writes = save_file is not None
+    with StopOnCtrlC() as stop, tqdm(total=settings.steps, desc=f"{task.name} sampling", unit="step",
+                                     file=sys.stderr, disable=not writes) as bar:
+        latent = models.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, request=request,
+                                 callback=lambda step, total, latent: bar.update(1), interrupt=any_rank(stop, device),
+                                 output="latent")
+        if not writes:
+            return None
+        if args.save_latent:
+            save_file_safetensors({"latent": latent.float().cpu().contiguous()}, args.save_latent)
+            log.info("saved the latent %s to %s", tuple(latent.shape), args.save_latent)
+        stop.phase = "decoding"
+        with tqdm(desc=f"{task.name} decoding", unit="frame", file=sys.stderr) as decode_bar:
+            def on_decode(done: int, total: int) -> None:
+                decode_bar.total = total
+                decode_bar.update(done - decode_bar.n)
+                if stop.requested:
+                    raise GenerationInterrupted(f"generation interrupted while decoding ({done} of {total} latent "
+                                                f"frames done)")
+
+            video = models.vae.decode(latent.to(device=models.vae.device, dtype=models.vae.dtype),
+                                      callback=on_decode)[0]
+        if stop.requested:
+            raise GenerationInterrupted("generation interrupted after decoding")
+        _write_interruptibly(stop, video, save_file, fps=task.sample_fps)
     log.info("saved %d frames of %dx%d at %d fps to %s", video.shape[1], video.shape[3], video.shape[2],
              task.sample_fps, save_file)
     return save_file
+
+
+def _write_interruptibly(stop: "StopOnCtrlC", video: torch.Tensor, save_file: Path, **options) -> None:
+    """write_video in the "writing" phase: a Ctrl-C stops at once and says the old file stayed."""
+    stop.phase = "writing"
+    existed = save_file.exists()
+    try:
+        write_video(video, save_file, **options)
+    except KeyboardInterrupt:
+        kept = f"; the existing {save_file} is unchanged" if existed else ""
+        raise GenerationInterrupted(f"interrupted while writing {save_file}{kept}") from None
 
 
 def _set_attention(models, attention: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -266,11 +333,8 @@ def _run_s2v(args: argparse.Namespace, task) -> Path:
     """s2v-14B: check, load the models (and the official folder's wav2vec2), generate clip by
     clip, write the mp4 with the speech muxed in. As the reference's ffmpeg -shortest, the mp4
     ends with the shorter of video and audio."""
-    from tqdm import tqdm
-
     from wan_core.audio import read_audio_file
-    from wan_core.pipeline import audio_for_video, validate_s2v_request
-    from wan_core.video import write_video
+    from wan_core.pipeline import validate_s2v_request
 
     size = parse_size(args.size) if args.size else default_size(task)
     steps = task.sample_steps if args.sample_steps is None else args.sample_steps
@@ -286,9 +350,21 @@ def _run_s2v(args: argparse.Namespace, task) -> Path:
     if args.frame_num is not None or args.boundary is not None:
         raise ValueError(f"{task.name} sets its length with --infer_frames and --num_clip and runs one model: "
                          f"drop --frame_num / --boundary")
+    device = check_device(args.device, "--device")
+    save_file = args.save_file or default_save_file(task.name, size, args.prompt)
+    check_output_path(save_file, "--save_file")
     waveform, sample_rate = read_audio_file(args.audio)
-    seed = args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with OutputLock(save_file, unique=args.save_file is None, what="--save_file") as reserved:
+        return _generate_s2v_and_write(args, task, size, steps, waveform, sample_rate, device, reserved.path)
+
+
+def _generate_s2v_and_write(args: argparse.Namespace, task, size, steps: int, waveform, sample_rate: int,
+                            device: torch.device, save_file: Path) -> Path:
+    from tqdm import tqdm
+
+    from wan_core.pipeline import audio_for_video
+
+    seed = _seed(args)
     offload = args.offload_model if args.offload_model is not None else device.type != "cpu"
     dtype = torch.bfloat16 if args.convert_model_dtype else torch.float32
     log.info("loading %s from %s (DiT %s, device %s, offload_model=%s)", task.name, args.ckpt_dir,
@@ -310,13 +386,14 @@ def _run_s2v(args: argparse.Namespace, task) -> Path:
             init_first_frame=args.start_from_ref, steps=steps, shift=args.sample_shift,
             guide_scale=args.sample_guide_scale, solver=args.sample_solver, seed=seed,
             allow_any_size=args.allow_any_size, callback=on_step, interrupt=stop)
-    fps = task.sample_fps
-    audio_frames = math.ceil(waveform.shape[1] / sample_rate * fps)
-    video = video[:, :min(video.shape[1], audio_frames)]
-    sound = audio_for_video(torch.from_numpy(waveform), sample_rate, video.shape[1], fps,
-                            correct_lead=args.correct_audio_lead).numpy()
-    save_file = Path(args.save_file or default_save_file(task.name, tuple(video.shape[:1:-1]), args.prompt))
-    write_video(video, save_file, fps=fps, audio=(sound, sample_rate))
+        if stop.requested:
+            raise GenerationInterrupted("generation interrupted after the last clip")
+        fps = task.sample_fps
+        audio_frames = math.ceil(waveform.shape[1] / sample_rate * fps)
+        video = video[:, :min(video.shape[1], audio_frames)]
+        sound = audio_for_video(torch.from_numpy(waveform), sample_rate, video.shape[1], fps,
+                                correct_lead=args.correct_audio_lead).numpy()
+        _write_interruptibly(stop, video, save_file, fps=fps, audio=(sound, sample_rate))
     log.info("saved %d frames of %dx%d at %d fps with the audio to %s", video.shape[1], video.shape[3],
              video.shape[2], fps, save_file)
     return save_file
@@ -354,6 +431,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # anything else: one line, the traceback only on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {type(error).__name__}: {error} (set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -103,18 +103,22 @@ def load_task_models(task: Union[str, TaskConfig], ckpt_dir: Union[str, os.PathL
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cpu = torch.device("cpu")
     dit_device = cpu if offload_model else device
-    roles = ("high_noise", "low_noise") if task.is_moe else ("dit",)
-    experts = tuple(load_dit(files[role], dtype=dtype, device=dit_device, quant=quant) for role in roles)
-    for role, expert in zip(roles, experts):
-        if expert.config.model_type != task.dit.model_type:
-            raise ValueError(f"{files[role]} holds a {expert.config.model_type} DiT, but {task.name} needs "
-                             f"{task.dit.model_type}: is --ckpt_dir the {task.name} folder?")
-    text_encoder = load_text_encoder(files["text_encoder"], dtype=text_dtype,
-                                     device=cpu if (t5_cpu or offload_model) else device,
-                                     tokenizer=files["tokenizer"])
+    # The small VAE first and each expert checked as it loads: a wrong file fails before the rest loads.
     vae = load_vae(files["vae"], dtype=vae_dtype, device=device)
     if vae.version != task.vae_version:
         raise ValueError(f"{files['vae']} is a Wan{vae.version} VAE; {task.name} needs the Wan{task.vae_version} VAE")
+    roles = ("high_noise", "low_noise") if task.is_moe else ("dit",)
+    experts = []
+    for role in roles:
+        expert = load_dit(files[role], dtype=dtype, device=dit_device, quant=quant)
+        if expert.config.model_type != task.dit.model_type:
+            raise ValueError(f"{files[role]} holds a {expert.config.model_type} DiT, but {task.name} needs "
+                             f"{task.dit.model_type}: is --ckpt_dir the {task.name} folder?")
+        experts.append(expert)
+    experts = tuple(experts)
+    text_encoder = load_text_encoder(files["text_encoder"], dtype=text_dtype,
+                                     device=cpu if (t5_cpu or offload_model) else device,
+                                     tokenizer=files["tokenizer"])
     audio_encoder = None
     if "audio_encoder" in files:  # float32 on the CPU, as the reference runs it
         from wan_core.audio import load_audio_encoder

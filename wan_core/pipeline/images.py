@@ -23,7 +23,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -47,36 +47,107 @@ def initial_noise(shape: Sequence[int], seed: int, device: Union[str, torch.devi
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device)
 
 
-def load_image(image: ImageInput) -> torch.Tensor:
+# Pillow modes holding more than 8 bits per sample, with the value that means white. Pillow
+# reads 16-bit greyscale PNGs as "I;16" (older versions as "I"); `convert("RGB")` would clip
+# them to 0..255, turning a mid-grey into white.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+# A float image whose maximum is above this is read as 0..255; at or below it as 0..1, with the
+# overshoot of resampling filters (a little below 0 or above 1) clamped.
+FLOAT_255_ABOVE = 2.0
+
+
+def load_image(image: ImageInput, name: str = "image") -> torch.Tensor:
     """An RGB image as a [3, H, W] float32 tensor in [0, 1].
 
-    Accepts a path, a PIL image, ComfyUI's IMAGE ([1, H, W, 3] or [H, W, 3] float in [0, 1]) or
-    a uint8 [H, W, 3] array. 8-bit inputs are divided by 255 (the reference's to_tensor)."""
+    Accepts a path to any file Pillow reads, a PIL image of any mode (8-bit modes go through
+    `convert("RGB")` as in the reference; 16-bit and 32-bit integer modes are divided by 65535,
+    float mode "F" follows the float rule below), ComfyUI's IMAGE ([1, H, W, 3] float) or an
+    array/tensor [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (alpha dropped) of uint8 (/ 255),
+    uint16 (/ 65535), bool, or float: in 0..1, or in 0..255 when its maximum is above 2.
+    Anything else, non-finite values included, is a ValueError/TypeError naming `name`."""
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
+        image = _open_image(Path(image), name)
     if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB"))
+        return _from_pil(image)
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        if image.dtype == np.uint16:
+            image = image.astype(np.int32)  # torch has no uint16 arithmetic on every version
+            return _from_array(torch.from_numpy(np.ascontiguousarray(image)), name, white=65535)
+        try:
+            image = torch.from_numpy(np.ascontiguousarray(image))
+        except TypeError:
+            raise TypeError(f"{name}: arrays of {image.dtype} are not images; use uint8, uint16 or float") from None
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a path, a PIL image, or an [H, W, 3] tensor/array, got {type(image).__name__}")
+        raise TypeError(f"{name} must be a path, a PIL image, or an [H, W, 3] tensor/array, got {type(image).__name__}")
+    return _from_array(image, name)
+
+
+def _open_image(path: Path, name: str):
+    from PIL import Image
+
+    if not path.exists():
+        raise FileNotFoundError(f"{name} {path}: file not found")
+    if not path.is_file():
+        raise ValueError(f"{name} {path} is not a file")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated or corrupt file fails here, not later
+            return opened.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{name} {path}: not an image Pillow can read ({error}); use a PNG, JPEG or WebP "
+                         f"file") from None
+
+
+def _from_pil(picture) -> torch.Tensor:
+    if picture.mode in WIDE_MODES:
+        values = torch.from_numpy(np.asarray(picture).astype(np.int64))
+        return _from_array(values, f"a mode {picture.mode} image", white=WIDE_MODES[picture.mode])
+    if picture.mode == "F":
+        return _from_array(torch.from_numpy(np.asarray(picture, dtype=np.float32).copy()), "a mode F image")
+    return _from_array(torch.from_numpy(np.array(picture.convert("RGB"))), "image")
+
+
+def _from_array(image: torch.Tensor, name: str, white: Optional[int] = None) -> torch.Tensor:
+    """[3, H, W] in 0..1 from an [H, W(, C)] tensor; `white` is the full-scale integer value."""
     if image.ndim == 4 and image.shape[0] == 1:
         image = image[0]
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be [H, W, 3] RGB (or ComfyUI's [1, H, W, 3]), got shape {tuple(image.shape)}")
-    if image.dtype == torch.uint8:
-        image = image.float() / 255
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name} must be [H, W, 3] RGB (or ComfyUI's [1, H, W, 3]; [H, W] grey and "
+                         f"[H, W, 4] RGBA are taken too), got shape {tuple(image.shape)}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{name} is empty: {image.shape[1]}x{image.shape[0]} pixels")
+    image = image[..., :3] if image.shape[-1] == 4 else image.expand(-1, -1, 3) if image.shape[-1] == 1 else image
+    if image.dtype == torch.bool:
+        unit = image.float()
+    elif image.dtype == torch.uint8:
+        unit = image.float() / 255
+    elif white is not None and not image.is_floating_point():
+        if image.min() < 0 or image.max() > white:
+            raise ValueError(f"{name} has values outside 0..{white}")
+        unit = image.double().div(white).float()
     elif image.is_floating_point():
-        image = image.float().clamp(0, 1)
+        unit = _float_to_unit(image.float(), name)
     else:
-        raise TypeError(f"image must be uint8 or float in [0, 1], got {image.dtype}")
-    return image.permute(2, 0, 1).contiguous()
+        raise TypeError(f"{name} must be uint8, uint16 or float (0..1 or 0..255), got {image.dtype}")
+    return unit.permute(2, 0, 1).contiguous()
+
+
+def _float_to_unit(image: torch.Tensor, name: str) -> torch.Tensor:
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name} has NaN or infinite values")
+    low, high = image.min().item(), image.max().item()
+    if high > FLOAT_255_ABOVE:
+        if low < -0.5 or high > 255.5:
+            raise ValueError(f"{name}: float values from {low:g} to {high:g}; expected 0..1 (or 0..255)")
+        return (image / 255).clamp(0, 1)
+    if low < -0.5:
+        raise ValueError(f"{name}: float values from {low:g} to {high:g} look like -1..1; expected 0..1 "
+                         f"(map with (x + 1) / 2)")
+    return image.clamp(0, 1)
 
 
 def i2v_pixel_size(image_hw: tuple[int, int], size: Union[str, Size], task: Union[str, TaskConfig]) -> tuple[int, int]:
@@ -117,16 +188,30 @@ def best_output_size(image_w: int, image_h: int, multiple_w: int, multiple_h: in
     exact_w = math.sqrt(area * ratio)
     exact_h = area / exact_w
     width_first_w = int(exact_w // multiple_w * multiple_w)
-    width_first_h = int(area / width_first_w // multiple_h * multiple_h)
+    width_first_h = int(area / width_first_w // multiple_h * multiple_h) if width_first_w else 0
     height_first_h = int(exact_h // multiple_h * multiple_h)
-    height_first_w = int(area / height_first_h // multiple_w * multiple_w)
+    height_first_w = int(area / height_first_h // multiple_w * multiple_w) if height_first_h else 0
 
-    def ratio_error(w: int, h: int) -> float:
-        return max(ratio / (w / h), (w / h) / ratio)
+    def ratio_error(w: int, h: int) -> float:  # a side of 0 (a very thin image) never wins
+        return max(ratio / (w / h), (w / h) / ratio) if w and h else math.inf
 
     if ratio_error(width_first_w, width_first_h) < ratio_error(height_first_w, height_first_h):
         return width_first_w, width_first_h
     return height_first_w, height_first_h
+
+
+def ti2v_pixel_size(image_hw: tuple[int, int], size: Union[str, Size],
+                    task: Union[str, TaskConfig]) -> tuple[int, int]:
+    """(height, width) in pixels of a TI2V-5B video from an image of `image_hw` (best_output_size)."""
+    task = resolve_task(task)
+    width, height = parse_size(size)
+    image_h, image_w = image_hw
+    multiple_h, multiple_w = token_multiple(task)
+    out_w, out_h = best_output_size(image_w, image_h, multiple_w, multiple_h, width * height)
+    if out_w <= 0 or out_h <= 0:
+        raise ValueError(f"an image of {image_w}x{image_h} pixels is too narrow for area {width}*{height}: "
+                         f"crop it closer to the video's aspect ratio")
+    return out_h, out_w
 
 
 def ti2v_image(image: ImageInput, size: Union[str, Size], task: Union[str, TaskConfig]) -> torch.Tensor:
@@ -134,15 +219,9 @@ def ti2v_image(image: ImageInput, size: Union[str, Size], task: Union[str, TaskC
     cover `best_output_size` and center-cropped to it (8-bit, as the reference's PIL path)."""
     from PIL import Image
 
-    task = resolve_task(task)
-    width, height = parse_size(size)
     pixels = (load_image(image) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(pixels)
-    multiple_h, multiple_w = token_multiple(task)
-    out_w, out_h = best_output_size(picture.width, picture.height, multiple_w, multiple_h, width * height)
-    if out_w <= 0 or out_h <= 0:
-        raise ValueError(f"an image of {picture.width}x{picture.height} pixels is too narrow for area "
-                         f"{width}*{height}: crop it closer to the video's aspect ratio")
+    out_h, out_w = ti2v_pixel_size((picture.height, picture.width), size, task)
     scale = max(out_w / picture.width, out_h / picture.height)
     picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.LANCZOS)
     left, top = (picture.width - out_w) // 2, (picture.height - out_h) // 2

@@ -13,8 +13,7 @@ import torch
 
 from wan_core.configs import TaskConfig
 from wan_core.pipeline.images import ImageInput, encode_image_condition, initial_noise
-from wan_core.pipeline.request import (Size, default_size, latent_frames, latent_shape, parse_size, resolve_task,
-                                       validate_request)
+from wan_core.pipeline.request import Request, Size, resolve_task
 
 if TYPE_CHECKING:
     from wan_core.dit import WanDiT
@@ -65,18 +64,21 @@ def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encode
              solver: str = "unipc", seed: int = 0, callback: Optional[StepCallback] = None,
              interrupt: Optional[Callable[[], bool]] = None, device: Union[str, torch.device, None] = None,
              offload_model: bool = False, t5_cpu: bool = False, allow_any_size: bool = False,
-             output: str = "video", **s2v_inputs) -> torch.Tensor:
+             output: str = "video", request: Optional[Request] = None,
+             decode_callback: Optional[Callable[[int, int], None]] = None, **s2v_inputs) -> torch.Tensor:
     """Generate one video; returns [3, F, H, W] in [-1, 1] (or with output="latent" the final
     latent [1, C, F', H', W'] before decoding).
 
     task: "t2v-A14B", "i2v-A14B" or "ti2v-5B" (or a TaskConfig). experts: (high_noise,
     low_noise) for the A14B tasks, one model for TI2V-5B. `size` (width, height) or "W*H",
-    `frame_num`, `steps`, `shift`, `guide_scale` ((low, high) or one number) and `boundary`
-    default to the task's reference values. `image`: required for i2v-A14B, optional for
-    ti2v-5B (see `load_image` for the accepted kinds). `seed`: the noise seed (same seed, same
-    video). `callback(step, total, latent)` runs after every step and may raise to stop;
-    `interrupt()` is checked before sampling and after every step and, when it returns True,
-    stops generation with `GenerationInterrupted`.
+    `frame_num`, `steps`, `shift`, `guide_scale` ((low_noise, high_noise) or one number) and
+    `boundary` default to the task's reference values. `image`: required for i2v-A14B, optional
+    for ti2v-5B (see `load_image` for the accepted kinds). `seed`: the noise seed (same seed,
+    same video). Everything is checked (`Request.check`) before any work; a caller that checked
+    already passes `request=` instead of the request's arguments. `callback(step, total,
+    latent)` runs after every step and may raise to stop; `decode_callback(done, total)` during
+    the VAE decode. `interrupt()` is checked before sampling, after every step and during the
+    decode and, when it returns True, stops generation with `GenerationInterrupted`.
     `device`: where sampling runs (default: the VAE's device). `offload_model`: keep the DiTs
     (and, unless `t5_cpu`, the text encoder) on the CPU and move each to `device` only while it
     runs. `t5_cpu`: the text encoder runs where it is (the CPU) and only its output moves.
@@ -86,13 +88,13 @@ def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encode
     """
     from wan_core.sampling import sample
 
-    task = resolve_task(task)
+    task = request.task if request is not None else resolve_task(task)
     if task.dit.model_type == "s2v":
         from wan_core.pipeline.s2v import generate_s2v
 
-        if frame_num is not None or boundary is not None or output != "video":
-            raise ValueError(f"{task.name} sets its length with frames_per_clip and num_clips and runs one model: "
-                             f"frame_num, boundary and output do not apply")
+        if frame_num is not None or boundary is not None or output != "video" or request is not None:
+            raise ValueError(f"{task.name} sets its length with frames_per_clip and num_clips, runs one model and "
+                             f"checks its own request: frame_num, boundary, output and request do not apply")
         return generate_s2v(task, experts=experts, vae=vae, text_encoder=text_encoder, prompt=prompt,
                             negative_prompt=negative_prompt, image=image, size=size, steps=steps, shift=shift,
                             guide_scale=guide_scale, solver=solver, seed=seed, callback=callback, interrupt=interrupt,
@@ -100,16 +102,13 @@ def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encode
                             allow_any_size=allow_any_size, **s2v_inputs)
     if s2v_inputs:
         raise TypeError(f"generate() got inputs {sorted(s2v_inputs)} that only s2v-14B takes")
-    size = parse_size(size if size is not None else default_size(task))
-    frame_num = task.frame_num if frame_num is None else frame_num
-    validate_request(task, size=size, frame_num=frame_num, image=image, steps=steps, shift=shift,
-                     guide_scale=guide_scale, boundary=boundary, solver=solver, allow_any_size=allow_any_size)
+    if request is None:
+        request = Request.check(task, size=size, frame_num=frame_num, image=image, steps=steps, shift=shift,
+                                guide_scale=guide_scale, boundary=boundary, solver=solver, seed=seed,
+                                allow_any_size=allow_any_size)
+    task, settings, frame_num = request.task, request.sampling, request.frame_num
     if output not in ("video", "latent"):
         raise ValueError(f"output must be 'video' or 'latent', got {output!r}")
-    steps = task.sample_steps if steps is None else steps
-    shift = task.sample_shift if shift is None else shift
-    guide_scale = task.sample_guide_scale if guide_scale is None else guide_scale
-    boundary = task.boundary if boundary is None else boundary
     negative_prompt = negative_prompt or task.negative_prompt
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -126,17 +125,14 @@ def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encode
                                            move_encoder=offload_model and not t5_cpu)
 
     y = first_frame_latent = None
-    if image is not None:
-        condition = encode_image_condition(task, vae, image, size, frame_num).to(device)
+    if request.image is not None:
+        picture = request.image.permute(1, 2, 0)  # [H, W, 3] in 0..1
+        condition = encode_image_condition(task, vae, picture, request.size, frame_num).to(device)
         if task.dit.model_type == "i2v":
             y = condition
-            shape = (1, task.latent_channels, *condition.shape[2:])
         else:
             first_frame_latent = condition
-            shape = (1, task.latent_channels, latent_frames(frame_num, task), *condition.shape[3:])
-    else:
-        shape = latent_shape(task, size, frame_num)
-    noise = initial_noise(shape, seed, device)
+    noise = initial_noise(request.latent_shape(), settings.seed, device)
 
     def on_step(step: int, total: int, latent: torch.Tensor) -> None:
         if callback is not None:
@@ -150,8 +146,8 @@ def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encode
             expert.to(device)
     try:
         latent = sample(expert_list[0] if len(expert_list) == 1 else tuple(expert_list), noise, context,
-                        context_null, steps=steps, shift=shift, guide_scale=guide_scale,
-                        boundary=boundary if task.is_moe else None, solver=solver, y=y, seed=seed,
+                        context_null, steps=settings.steps, shift=settings.shift, guide_scale=settings.guide_scale,
+                        boundary=settings.boundary, solver=settings.solver, y=y, seed=settings.seed,
                         callback=on_step, first_frame_latent=first_frame_latent,
                         offload_inactive_expert=offload_model and len(expert_list) == 2)
     finally:
@@ -160,4 +156,10 @@ def generate(task: Union[str, TaskConfig], *, experts: Experts, vae, text_encode
                 expert.to("cpu")
     if output == "latent":
         return latent
-    return vae.decode(latent.to(device=vae.device, dtype=vae.dtype))[0]
+
+    def on_decode(done: int, total: int) -> None:
+        if decode_callback is not None:
+            decode_callback(done, total)
+        check_interrupt(f"while decoding ({done} of {total} latent frames done)")
+
+    return vae.decode(latent.to(device=vae.device, dtype=vae.dtype), callback=on_decode)[0]

@@ -13,6 +13,7 @@ import torch
 
 from wan_core.sampling.schedule import (check_boundary, check_denoise, check_solver, check_steps,
                                         runs_high_noise_expert, schedule)
+from wan_core.sampling.guidance import scales_by_expert
 from wan_core.sampling.solvers import make_solver
 
 DEFAULT_PATCH_SIZE = (1, 2, 2)
@@ -25,7 +26,8 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
            boundary: Optional[float] = None, solver: str = "unipc", y: Optional[torch.Tensor] = None,
            seed: Optional[int] = None, callback: Optional[StepCallback] = None, denoise: float = 1.0,
            first_frame_latent: Optional[torch.Tensor] = None, latent_image: Optional[torch.Tensor] = None,
-           offload_inactive_expert: bool = False, high_noise_steps: Optional[int] = None) -> torch.Tensor:
+           offload_inactive_expert: bool = False, high_noise_steps: Optional[int] = None,
+           denoised_callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Denoise `noise` [B, C, F, H, W] into a clean latent with the reference's schedule.
 
     experts: one model, or (high_noise_expert, low_noise_expert) with `boundary` (fraction of
@@ -36,8 +38,8 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
     context, context_null: the prompt and negative-prompt embeddings (lists of [L_i, 4096],
         one per batch item), passed to the model as they are. context_null may be None when
         every guidance scale is 1 (then no unconditional pass runs).
-    guide_scale: one scale, or (low_noise_scale, high_noise_scale) like the reference config.
-        flow = uncond + scale * (cond - uncond).
+    guide_scale: one finite scale, or (low_noise_scale, high_noise_scale) like the reference
+        config (a `GuideScale` names them). flow = uncond + scale * (cond - uncond).
     solver: "unipc" (the reference's default), "dpm++" or "euler".
     y: the image condition for i2v models (concatenated to x on channels by the model).
     seed: accepted for a stable signature; these solvers are deterministic and draw no random
@@ -57,6 +59,8 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
         that run) to the high-noise expert and the rest to the low-noise one, instead of the
         boundary rule (which is then not needed; a boundary given too is ignored). The 4-step
         Lightning LoRAs' recipe is 2 + 2, which the official boundaries also give at shift 5.
+    denoised_callback(step, total, x0): after each step (before `callback`), with that step's
+        estimate of the clean latent, x0 = x - sigma * flow (for previews).
 
     Returns the latent on noise's device, in float32 (float64 if noise is float64).
     """
@@ -75,7 +79,7 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step, total, latent), got {callback!r}")
-    scales = _guide_scales(guide_scale, len(experts))
+    scales = scales_by_expert(guide_scale, len(experts))
     if context_null is None and any(scale != 1.0 for scale in scales):
         raise ValueError("context_null (the negative prompt's embedding) is needed for guidance scales "
                          f"other than 1, got guide_scale={guide_scale!r}")
@@ -111,6 +115,8 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
             else:
                 t_model = _per_token_timesteps(t, x, _patch_size(expert))
             flow = _guided_flow(expert, x, t_model, context, context_null, y, scale, work_dtype)
+            if denoised_callback is not None:
+                denoised_callback(i + 1, steps, x - float(stepper.sigmas[i]) * flow)
             x = stepper.step(x, flow)
             if first_frame is not None:
                 x = _hold_first_frame(x, first_frame)
@@ -147,25 +153,6 @@ def _check_high_noise_steps(high_noise_steps: int, steps: int, num_experts: int)
             or not 0 <= high_noise_steps <= steps:
         raise ValueError(f"high_noise_steps must be a whole number in 0..steps ({steps}): how many of the "
                          f"first steps the high-noise expert runs; got {high_noise_steps!r}")
-
-
-def _guide_scales(guide_scale: Union[float, Sequence[float]], num_experts: int) -> tuple[float, ...]:
-    """Scales in the order of `experts`: (high, low) for two, (scale,) for one."""
-    if isinstance(guide_scale, (list, tuple)):
-        values = tuple(guide_scale)
-        if num_experts == 2 and len(values) == 2:
-            low, high = values
-            values = (high, low)
-        elif len(values) != 1:
-            expected = "one value or (low_noise, high_noise)" if num_experts == 2 else "one value"
-            raise ValueError(f"guide_scale must be {expected} for {num_experts} expert(s), "
-                             f"got {len(values)} values {guide_scale!r}")
-    else:
-        values = (guide_scale,)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"guide_scale values must be numbers, got {guide_scale!r}")
-    return values * num_experts if len(values) == 1 else values
 
 
 def _check_batch(name: str, context: Any, batch: int) -> None:

@@ -54,9 +54,9 @@ def check_boundary(boundary: float) -> None:
                          f"timesteps (0.875 for T2V-A14B, 0.9 for I2V-A14B), got {boundary!r}")
 
 
-def _check_shift(shift: float) -> None:
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not shift > 0:
-        raise ValueError(f"shift must be a number > 0 (the reference uses 1 to 17), got {shift!r}")
+def check_shift(shift: float) -> None:
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < math.inf:
+        raise ValueError(f"shift must be a finite number > 0 (the reference uses 1 to 17), got {shift!r}")
 
 
 def schedule(solver: str, steps: int, shift: float, denoise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +68,7 @@ def schedule(solver: str, steps: int, shift: float, denoise: float = 1.0) -> tup
     """
     check_solver(solver)
     check_steps(steps)
-    _check_shift(shift)
+    check_shift(shift)
     check_denoise(denoise)
     total = math.floor(steps / denoise) if denoise < 1 else int(steps)
 
