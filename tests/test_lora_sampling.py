@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,9 +31,11 @@ LIGHTNING_TIMESTEPS = [1000.0, 937.5, 2500 / 3, 625.0]
 @pytest.mark.parametrize("solver", ["unipc", "dpm++", "euler"])
 def test_four_steps_at_shift_5_are_the_lightning_timesteps_and_split_2_plus_2(solver):
     sigmas, timesteps = schedule(solver, 4, 5.0)
-    if solver == "dpm++":  # its table starts at sigma 1: exactly Lightning's, truncated to integers
+    if solver == "euler":  # the distillation's own schedule: exactly Lightning's timesteps
+        np.testing.assert_allclose(timesteps.numpy(), LIGHTNING_TIMESTEPS, rtol=1e-15)
+    elif solver == "dpm++":  # its table starts at sigma 1: Lightning's, truncated to integers
         assert timesteps.tolist() == [int(t) for t in LIGHTNING_TIMESTEPS] == [1000, 937, 833, 625]
-    else:  # UniPC and Euler start at the training table's top, sigma 0.999 (the reference's rule)
+    else:  # UniPC starts at the training table's top, sigma 0.999 (the reference's rule)
         assert timesteps.tolist() == [999, 937, 833, 624]
     assert all(abs(t - lightning) < 1 for t, lightning in zip((sigmas[:4] * 1000).tolist(), LIGHTNING_TIMESTEPS))
     for task in ("t2v-A14B", "i2v-A14B"):  # boundaries 0.875 and 0.9: the first two steps are high-noise

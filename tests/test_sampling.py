@@ -37,7 +37,7 @@ def reference_table(solver: str, steps: int, shift: float) -> tuple[np.ndarray, 
     return np.concatenate([sigmas, [0.0]]), (sigmas * 1000).astype(np.int64)
 
 
-@pytest.mark.parametrize("solver", ["unipc", "dpm++", "euler"])
+@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
 @pytest.mark.parametrize("steps, shift", [(40, 12.0), (40, 5.0), (50, 5.0)])
 def test_schedule_tables_are_the_references(solver, steps, shift):
     expected_sigmas, expected_timesteps = reference_table(solver, steps, shift)
@@ -45,6 +45,18 @@ def test_schedule_tables_are_the_references(solver, steps, shift):
     assert sigmas.dtype == torch.float64 and timesteps.dtype == torch.int64
     assert torch.equal(sigmas, torch.from_numpy(expected_sigmas))
     assert torch.equal(timesteps, torch.from_numpy(expected_timesteps))
+
+
+@pytest.mark.parametrize("steps, shift", [(4, 5.0), (8, 5.0), (40, 12.0)])
+def test_euler_is_the_few_step_distillations_schedule(steps, shift):
+    """No Euler in the reference: ours is ComfyUI's euler + simple and Wan2.2-Lightning's
+    (sigma from exactly 1, shifted, timestep 1000 * sigma not rounded)."""
+    sigmas, timesteps = schedule("euler", steps, shift)
+    unshifted = 1 - np.arange(steps) / steps
+    expected = shift * unshifted / (1 + (shift - 1) * unshifted)
+    assert timesteps.dtype == torch.float64 and sigmas[0] == 1.0 and sigmas[-1] == 0.0
+    np.testing.assert_allclose(sigmas[:-1].numpy(), expected, rtol=1e-14)  # linspace vs arange rounding
+    np.testing.assert_allclose(timesteps.numpy(), 1000 * expected, rtol=1e-14)
 
 
 def test_unipc_starts_at_the_float32_top_of_the_training_table():
@@ -217,7 +229,7 @@ def test_timestep_exactly_at_the_boundary_runs_the_high_noise_expert():
     log = []
     high, low = RecordingExpert("high", 1.0, log), RecordingExpert("low", 2.0, log)
     sample((high, low), torch.zeros(1, CHANNELS, 1, 2, 2), text(COND), None, steps=40, shift=12.0,
-           guide_scale=1.0, boundary=boundary, solver="euler")
+           guide_scale=1.0, boundary=boundary, solver="unipc")
     assert [c.t.item() for c in calls(log, "high")] == timesteps[:k + 1].tolist()
     assert [c.t.item() for c in calls(log, "low")] == timesteps[k + 1:].tolist()
 

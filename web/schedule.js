@@ -3,11 +3,11 @@
 // that they agree with wan_core (the backend) on a grid of values.
 //
 // The schedule (the reference's, as wan_core.sampling computes it; 1000 training timesteps):
-//   unipc / euler: sigma_i = linspace(sigma_max, 0, n + 1)[i], i < n, with sigma_max = 0.999
+//   unipc:         sigma_i = linspace(sigma_max, 0, n + 1)[i], i < n, with sigma_max = 0.999
 //                  rounded to float32 (the top of the reference scheduler's training table)
-//   dpm++:         sigma_i = linspace(1, 0, n + 1)[i], i < n
+//   dpm++ / euler: sigma_i = linspace(1, 0, n + 1)[i], i < n
 //   shifted:       s' = shift * s / (1 + (shift - 1) * s)
-//   timestep:      t_i = trunc(1000 * s'_i)  (an int64 cast)
+//   timestep:      t_i = trunc(1000 * s'_i)  (an int64 cast); euler keeps 1000 * s'_i unrounded
 // linspace(a, b, m)[i] = i * ((b - a) / (m - 1)) + a, evaluated in float64 like numpy.
 // With denoise < 1 the schedule is built for n = floor(steps / denoise) steps and the last
 // `steps` of them are run. The high-noise expert runs the steps whose t_i >= 1000 * boundary.
@@ -25,9 +25,10 @@ function linspace(start, stop, num) {
 
 export function timesteps({ steps, shift, solver = "unipc", denoise = 1.0 }) {
   const total = denoise < 1 ? Math.floor(steps / denoise) : steps;
-  const top = solver === "dpm++" ? 1.0 : SIGMA_MAX;
+  const top = solver === "unipc" ? SIGMA_MAX : 1.0;
+  const round = solver === "euler" ? (t) => t : Math.trunc;
   const sigmas = linspace(top, 0, total + 1).slice(0, total);
-  const ts = sigmas.map((s) => Math.trunc((shift * s) / (1 + (shift - 1) * s) * NUM_TRAIN_TIMESTEPS));
+  const ts = sigmas.map((s) => round((shift * s) / (1 + (shift - 1) * s) * NUM_TRAIN_TIMESTEPS));
   return ts.slice(total - steps);
 }
 

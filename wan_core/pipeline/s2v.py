@@ -392,7 +392,7 @@ def _sample_clip(dit, noise: torch.Tensor, context, context_null, audio: torch.T
     silent = audio * 0.0
     with torch.no_grad():
         for i, t in enumerate(timesteps.tolist()):
-            t_model = torch.full((1,), t, dtype=torch.int64, device=latent.device)
+            t_model = torch.full((1,), t, dtype=timesteps.dtype, device=latent.device)
             flow = dit(latent, t_model, context, audio_features=audio, **conditions).float()
             if guide_scale > 1:
                 uncond = dit(latent, t_model, context_null, audio_features=silent, **conditions).float()

@@ -111,9 +111,9 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
             active = expert
 
             if first_frame is None:
-                t_model = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+                t_model = torch.full((x.shape[0],), t, dtype=timesteps.dtype, device=x.device)
             else:
-                t_model = _per_token_timesteps(t, x, _patch_size(expert))
+                t_model = _per_token_timesteps(t, x, _patch_size(expert), timesteps.dtype)
             flow = _guided_flow(expert, x, t_model, context, context_null, y, scale, work_dtype)
             if denoised_callback is not None:
                 denoised_callback(i + 1, steps, x - float(stepper.sigmas[i]) * flow)
@@ -194,7 +194,8 @@ def _patch_size(expert: Any) -> tuple[int, int, int]:
     return tuple(getattr(config, "patch_size", DEFAULT_PATCH_SIZE))
 
 
-def _per_token_timesteps(t: int, x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+def _per_token_timesteps(t: float, x: torch.Tensor, patch_size: tuple[int, int, int],
+                         dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """[B, tokens] timesteps, frame-major like the model's patch order; 0 on the first frame's
     tokens, which hold the clean image (the reference's textimage2video)."""
     batch, _, frames, height, width = x.shape
@@ -202,7 +203,7 @@ def _per_token_timesteps(t: int, x: torch.Tensor, patch_size: tuple[int, int, in
     if frames % pt or height % ph or width % pw:
         raise ValueError(f"latent size {frames}x{height}x{width} (frames x height x width) is not "
                          f"divisible by the model's patch size {patch_size}")
-    grid = torch.full((batch, frames // pt, height // ph, width // pw), t, dtype=torch.int64, device=x.device)
+    grid = torch.full((batch, frames // pt, height // ph, width // pw), t, dtype=dtype, device=x.device)
     grid[:, 0] = 0
     return grid.flatten(1)
 

@@ -4,13 +4,18 @@ Flow matching mixes x_sigma = sigma * noise + (1 - sigma) * x0, sigma from 1 (no
 (data). The reference builds its inference schedule like this (web/schedule.js computes the
 same numbers for the graph editor, and a test checks that the two agree):
 
-    unipc, euler  sigma_i = linspace(SIGMA_MAX, 0, n + 1)[i] for i < n, where SIGMA_MAX is the
+    unipc         sigma_i = linspace(SIGMA_MAX, 0, n + 1)[i] for i < n, where SIGMA_MAX is the
                   top of the scheduler's 1000-step training table, 1 - 1/1000, stored as float32
-    dpm++         sigma_i = linspace(1, 0, n + 1)[i] for i < n
+    dpm++, euler  sigma_i = linspace(1, 0, n + 1)[i] for i < n
     shift         sigma -> shift * sigma / (1 + (shift - 1) * sigma)   (float64)
-    timestep      t_i = int64(1000 * sigma_i), truncated; this integer is what the model sees
-                  and what the MoE boundary is compared with
+    timestep      t_i = int64(1000 * sigma_i), truncated (unipc, dpm++); this integer is what
+                  the model sees and what the MoE boundary is compared with
     end           a final sigma of exactly 0, so the last step lands on the x0 prediction
+
+The reference has no Euler sampler. Ours follows the few-step distillations (Wan2.2-Lightning /
+LightX2V, and ComfyUI's euler with the simple schedule): sigma from exactly 1 and the timestep
+1000 * sigma unrounded (float64), so 4 steps at shift 5 run at t = 1000, 937.5, 833.33, 625 —
+the timesteps those LoRAs were distilled at.
 
 This is not diffusers' flow schedule: diffusers' UniPCMultistepScheduler with flow sigmas and
 the same shift gives timesteps up to 7 apart, and about 1% different final latents.
@@ -63,7 +68,7 @@ def schedule(solver: str, steps: int, shift: float, denoise: float = 1.0) -> tup
     """The `steps` sigmas and timesteps that run, as the reference computes them.
 
     Returns (sigmas, timesteps): sigmas float64 of length steps + 1 ending with 0, timesteps
-    int64 of length steps. With denoise < 1 the schedule is built for floor(steps / denoise)
+    of length steps, int64 (float64 for euler, see the module docstring). With denoise < 1 the schedule is built for floor(steps / denoise)
     steps and only its last `steps` are returned (they start below full noise).
     """
     check_solver(solver)
@@ -72,10 +77,12 @@ def schedule(solver: str, steps: int, shift: float, denoise: float = 1.0) -> tup
     check_denoise(denoise)
     total = math.floor(steps / denoise) if denoise < 1 else int(steps)
 
-    top = 1.0 if solver == "dpm++" else SIGMA_MAX
+    top = SIGMA_MAX if solver == "unipc" else 1.0
     sigmas = np.linspace(top, 0.0, total + 1)[:total]
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64)
+    timesteps = sigmas * NUM_TRAIN_TIMESTEPS
+    if solver != "euler":
+        timesteps = timesteps.astype(np.int64)
 
     sigmas = np.append(sigmas, 0.0)[total - steps:]
     return torch.from_numpy(sigmas), torch.from_numpy(timesteps[total - steps:])
