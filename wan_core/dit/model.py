@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wan_core.configs import DiTConfig
-from wan_core.dit.weights import WeightPatches, patch_key, patch_unit, set_unit_tensor, unit_tensors
+from wan_core.dit.weights import WeightPatches
+from wan_core.offload.placement import WeightPlacement
 from wan_core.ops.attention import DEFAULT_BACKEND, attention, check_backend
 
 ROPE_THETA = 10000.0
@@ -163,10 +164,25 @@ class Head(nn.Module):
         return _linear_fp32(self.head, modulate(self.norm(x), shift, scale))
 
 
+FP32_SLICE_ELEMENTS = 2 ** 22  # weight elements upcast at a time by _linear_fp32 (16 MiB in float32)
+
+
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear layer evaluated in float32 whatever its weights' dtype (the reference runs the
-    time embedding and the head under a float32 autocast)."""
-    return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    time embedding and the head under a float32 autocast).
+
+    A low-precision weight is upcast a slice of output rows at a time, so no float32 copy of
+    the whole matrix is made (the 14B time projection's would be 0.6 GB per forward pass);
+    each output is the same float32 dot product either way."""
+    x, weight, bias = x.float(), layer.weight, layer.bias
+    if weight.dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    rows = max(1, FP32_SLICE_ELEMENTS // weight.shape[1])
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        out[..., part] = F.linear(x, weight[part].float(), None if bias is None else bias[part].float())
+    return out
 
 
 Context = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -190,8 +206,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
-        self._weight_patches: Optional[WeightPatches] = None
-        self._base_tensors: dict[str, torch.Tensor] = {}  # base values of the patched entries
+        self.placement = WeightPlacement(self)  # host copies, device copies, patches, block swap
 
     def weight_units(self) -> list[tuple[str, nn.Module, str]]:
         """(prefix, module, names to skip) of each unit weights are patched and moved by: every
@@ -200,27 +215,58 @@ class WanDiT(nn.Module):
 
     @property
     def weight_patches(self) -> Optional[WeightPatches]:
-        return self._weight_patches
+        return self.placement.patches
 
     def set_weight_patches(self, patches: Optional[WeightPatches]) -> None:
         """Compute with base + `patches` from now on (None: the base alone).
 
-        The base tensors are never modified: each patched entry points at a new tensor and the
-        base one is kept to restore when the patches change. Setting patches with the same
-        `key` as the current ones does nothing."""
-        if patch_key(patches) == patch_key(self._weight_patches):
-            self._weight_patches = patches
-            return
-        for name, base in self._base_tensors.items():
-            set_unit_tensor(self, name, base.to(self.device))
-        self._base_tensors = {}
-        self._weight_patches = patches
-        for prefix, module, skip in self.weight_units():
-            tensors = unit_tensors(module, skip)
-            for name, value in patch_unit(patches, prefix, tensors).items():
-                if value is not tensors[name]:
-                    self._base_tensors[prefix + name] = tensors[name]
-                    set_unit_tensor(module, name, value)
+        The base tensors are never modified: a patched entry's base is kept as a host copy and
+        the device holds only the patched tensor (one device copy per weight); swapped blocks
+        are patched at each upload. Setting patches with the same `key` as the current ones
+        does nothing."""
+        self.placement.set_patches(patches)
+
+    def enable_block_swap(self, blocks_to_swap: Union[int, str], *, device: Union[str, torch.device],
+                          prefetch: int = 1, host_memory: str = "auto", latent_shape: Optional[Sequence[int]] = None,
+                          free_memory: Optional[int] = None, place: bool = True) -> int:
+        """Keep the last `blocks_to_swap` blocks in host memory and copy each to `device` for its
+        turn in every forward pass, `prefetch` blocks ahead on a side stream; returns the number
+        swapped. Outputs are bit-identical to the resident model's.
+
+        `blocks_to_swap`: 0..num_layers, or "auto": the fewest that fit `free_memory` bytes
+        (default: what the device has free, plus what this model holds there) for a forward over
+        `latent_shape` [B, C, F, H, W] (default: the task's default size and frames), with the
+        margin of `wan_core.offload.budget`. `host_memory`: "pinned" (the swapped blocks copied
+        once into page-locked RAM: fastest), "staged" (they stay memory-mapped / in ordinary RAM
+        and stream through a ring of page-locked buffers) or "auto" (pinned when RAM allows).
+        The model is placed on `device` now, or with `place=False` when it is next moved there.
+        On a CPU device nothing is swapped (the weights already live in host memory): returns 0.
+        """
+        from wan_core.offload import enable_block_swap
+
+        return enable_block_swap(self, blocks_to_swap, device=device, prefetch=prefetch, host_memory=host_memory,
+                                 latent_shape=latent_shape, free_memory=free_memory, place=place)
+
+    def disable_block_swap(self) -> None:
+        """Stop swapping: every block is placed where the rest of the model is."""
+        self.placement.disable_swap()
+
+    def release_host_weights(self) -> bool:
+        """Give back the host RAM of the weights this model's checkpoint file can provide again
+        (they are mapped from the file when next needed; weights on a GPU stay). Returns False
+        for a model not loaded from a file."""
+        return self.placement.release_host()
+
+    def _apply(self, fn, recurse: bool = True):
+        # Device moves (.to, .cuda, .cpu, also from a parent module) go through the placement:
+        # the live weights are derived from the host copy, which is never copied back.
+        probe = torch.empty(0, dtype=self.dtype, device=self.device if self.device.type != "meta" else "cpu")
+        moved = fn(probe)
+        if moved.dtype == probe.dtype and self.device.type != "meta":
+            self.placement.move(moved.device)
+            return self
+        self.placement.forget()
+        return super()._apply(fn, recurse)
 
     def compile_blocks(self, **options) -> None:
         """Compile each transformer block with torch.compile (regional compilation: the 40
@@ -240,7 +286,7 @@ class WanDiT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.patch_embedding.weight.device
+        return self.placement.current_device()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context, *,
                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -260,6 +306,7 @@ class WanDiT(nn.Module):
                                  f"frames, height and width")
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         self._check_input(x)
+        self.placement.prepare()
         batch = x.shape[0]
         grid = tuple(s // p for s, p in zip(x.shape[2:], config.patch_size))
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()
@@ -268,7 +315,7 @@ class WanDiT(nn.Module):
         context = self._embed_text(context, batch)
         angles = rope_angles(grid, config.head_dim, x.device)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
-        for block in self.blocks:
+        for block in self.placement.blocks_in_turn(self.blocks):
             tokens = block(tokens, time_mod, context, rope, self.attention_backend)
         return self._unpatchify(self.head(tokens, time_emb), grid)
 
