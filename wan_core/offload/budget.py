@@ -35,13 +35,14 @@ PINNED_RAM_RESERVE_FRACTION = 0.25
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors created inside the mode and alive at the same time."""
+    """Peak bytes of the tensors created inside the mode and alive at the same time (views of
+    the `existing` tensors, e.g. the inputs and the weights, are not new memory)."""
 
-    def __init__(self):
+    def __init__(self, existing: Sequence[torch.Tensor] = ()):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._storages: set[int] = set()
+        self._storages: set[int] = {t.untyped_storage()._cdata for t in existing}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -92,7 +93,7 @@ def block_activation_bytes(model: nn.Module, batch: int, tokens: int, *, per_tok
         time_mod = torch.empty(batch, tokens if per_token_time else 1, 6, config.dim)
         context = torch.empty(batch, config.text_len, config.dim, dtype=dtype)
         rope = torch.empty(tokens, 1, config.head_dim // 2, dtype=torch.complex64)
-    counter = _LiveBytes()
+    counter = _LiveBytes([x, time_mod, context, rope, *block.parameters(), *block.buffers()])
     with torch.no_grad(), _AttentionOutputOnly(), counter:
         block(x, time_mod, context, rope, "sdpa")
     inputs = sum(t.numel() * t.element_size() for t in (x, time_mod, context, rope))
