@@ -3,9 +3,9 @@
 The flags are the reference's generate.py flags for the T2V-A14B, I2V-A14B and TI2V-5B tasks,
 with the same defaults (each task's steps, shift, guide scale and frame count; a random seed
 when --base_seed is negative; --offload_model on for a single GPU), plus a few of our own:
---negative_prompt, --boundary, --device, --quant and --allow_any_size. `--ckpt_dir` is the
-official release folder (e.g. Wan2.2-T2V-A14B/ with high_noise_model/, low_noise_model/, the
-umt5 .pth, google/umt5-xxl/ and the VAE .pth).
+--negative_prompt, --boundary, --device, --quant, --blocks_to_swap, --prefetch_blocks and
+--allow_any_size. `--ckpt_dir` is the official release folder (e.g. Wan2.2-T2V-A14B/ with
+high_noise_model/, low_noise_model/, the umt5 .pth, google/umt5-xxl/ and the VAE .pth).
 
 Ctrl-C during sampling stops after the current step without writing a video; a second Ctrl-C
 stops at once.
@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from wan_core.configs import TASKS
+from wan_core.offload import check_blocks_to_swap
 from wan_core.pipeline import (GenerationInterrupted, default_size, format_size, load_task_models, parse_size,
                                resolve_task, validate_request)
 from wan_core.sampling.schedule import SOLVERS
@@ -56,6 +57,15 @@ def _guide_scale(value: str):
     if len(numbers) == 2:
         return tuple(numbers)
     raise argparse.ArgumentTypeError(f"expected a number or LOW,HIGH (e.g. 3.0,4.0), got {value!r}")
+
+
+def _blocks_to_swap(value: str):
+    """"auto" or a whole number >= 0 (the upper bound is the model's layer count)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    if value.strip().isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a number of blocks or auto, got {value!r}")
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +110,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="Where sampling runs (default: cuda if available, else cpu).")
     parser.add_argument("--quant", default=None, choices=QUANT_CHOICES,
                         help="Keep the DiT block weights in fp8 (per-tensor scale, bf16/fp32 compute).")
+    parser.add_argument("--blocks_to_swap", default=None, type=_blocks_to_swap,
+                        help="N or auto: keep N transformer blocks of each expert in CPU memory and stream them to "
+                             "the GPU during each step (auto: the fewest that fit the GPU's free memory for this "
+                             "size and frame count). Fits a 14B expert at 720p into 12 GB for a few percent of "
+                             "step time (bench/RESULTS.md).")
+    parser.add_argument("--prefetch_blocks", type=int, default=1,
+                        help="Swapped blocks copied ahead while one computes (default 1).")
     parser.add_argument("--allow_any_size", action="store_true",
                         help="Accept sizes the models were not trained at (multiples of VAE stride x patch).")
 
@@ -168,6 +185,10 @@ def run_generate(args: argparse.Namespace) -> Path:
                      allow_any_size=args.allow_any_size)
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image}: file not found")
+    if args.blocks_to_swap is not None:
+        check_blocks_to_swap(args.blocks_to_swap, task.dit.num_layers)
+    if args.prefetch_blocks < 0:
+        raise ValueError(f"--prefetch_blocks must be >= 0, got {args.prefetch_blocks}")
     seed = args.base_seed if args.base_seed >= 0 else random.randint(0, sys.maxsize)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     offload = args.offload_model if args.offload_model is not None else device.type != "cpu"
@@ -179,6 +200,11 @@ def run_generate(args: argparse.Namespace) -> Path:
                               offload_model=offload, quant=args.quant)
     if args.compile:
         models.compile_blocks()
+    if args.blocks_to_swap is not None:
+        swapped = models.enable_block_swap(args.blocks_to_swap, size=size, frame_num=frame_num,
+                                           prefetch=args.prefetch_blocks)
+        log.info("block swap: %s of %d blocks per expert in CPU memory", "/".join(map(str, swapped)),
+                 task.dit.num_layers)
     log.info("generating %d frames at %s, %d steps, seed %d", frame_num, format_size(size), steps, seed)
     with tqdm(total=steps, desc=task.name, unit="step", file=sys.stderr) as bar, StopOnCtrlC() as stop:
         video = models.generate(

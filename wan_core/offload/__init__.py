@@ -76,12 +76,16 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: BlocksToSwap, *, device,
         model.placement.disable_swap()
         return 0  # the blocks already live in host memory: nothing to swap
     device = resolve_device(device)
+    current = model.placement.swap if model.placement.swap is not None and model.placement.swap.device == device \
+        else None
     if blocks_to_swap == AUTO:
         activations = activation_bytes(model, latent_shape)
         if free_memory is None:
             free_memory = device_free_bytes(device) + model.placement.device_bytes()
         blocks_to_swap = plan_blocks_to_swap(model, free_bytes=free_memory, activation_bytes=activations,
                                              prefetch=prefetch)
+        if current is not None and current.prefetch == prefetch and len(current.order) >= blocks_to_swap:
+            blocks_to_swap = len(current.order)  # what is set up still fits: keep it (and its pinned copies)
         log.info("block swap auto: %d of %d blocks swapped (%.1f GiB free, ~%.1f GiB of activations)",
                  blocks_to_swap, layers, free_memory / 2 ** 30, activations / 2 ** 30)
     if blocks_to_swap == 0:
@@ -90,10 +94,12 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: BlocksToSwap, *, device,
             model.placement.move(device)
         return 0
     blocks = list(range(layers - blocks_to_swap, layers))
-    if host_memory == "auto":
-        pinned = choose_pinned(blocks_to_swap * block_bytes(model))
-    else:
+    if host_memory != "auto":
         pinned = host_memory == "pinned"
+    elif current is not None and current.order == blocks:
+        pinned = current.pinned  # its own pinned copies are not counted as available RAM
+    else:
+        pinned = choose_pinned(blocks_to_swap * block_bytes(model))
     model.placement.enable_swap(blocks, device, prefetch=prefetch, pinned=pinned, place=place)
     return blocks_to_swap
 

@@ -90,6 +90,9 @@ class BlockSwap:
 
     # --- what the model and the budget ask -------------------------------------------------
 
+    def settings(self) -> tuple:
+        return self.order, self.device, self.prefetch, self.pinned
+
     @property
     def on_cuda(self) -> bool:
         return self.device.type == "cuda"

@@ -161,10 +161,20 @@ class WeightPlacement:
         swapping starts when the model is next moved there."""
         from wan_core.offload.block_swap import BlockSwap, block_prefix
 
-        self.disable_swap()
+        device = resolve_device(device)
+        blocks = sorted(blocks)
+        if self.swap is not None and self.swap.settings() == (blocks, device, prefetch, pinned):
+            if place:
+                self.move(device)
+            return
+        if self.swap is not None:  # another set-up: leave the device first, so that nothing is
+            was = self.current_device()  # uploaded only to be dropped again
+            if was.type != "cpu":
+                self.move("cpu")
+            self.disable_swap()
+            place = place or was == device
         if self.released:
             self.remap()
-        device = resolve_device(device)
         model = self.model
 
         def base_tensors(index: int) -> dict[str, torch.Tensor]:
