@@ -124,6 +124,23 @@ def test_swapped_block_weights_live_on_the_host_between_turns():
     assert len(swap._slots) == 2 and swap.device_bytes() == 2 * arena_size
 
 
+def test_a_new_swap_set_up_takes_over_the_pinned_copies_it_shares():
+    model = tiny_model()
+    args = inputs(model)
+    resident = run(model, args)
+    placement = model.placement
+    placement.enable_swap([2, 3], "cpu", prefetch=1, pinned=True)
+    kept = placement.swap._arenas[3]
+    for blocks, pinned in (([1, 2, 3], True), ([3], True), ([2, 3], False), ([0, 1, 2, 3], True), ([1], True)):
+        placement.enable_swap(blocks, "cpu", prefetch=1, pinned=pinned)
+        assert torch.equal(run(model, args), resident), (blocks, pinned)
+        assert placement.swap.pinned_blocks() == (set(blocks) if pinned else set())
+        if blocks == [3]:
+            assert placement.swap._arenas[3] is kept  # handed over, not copied again
+    model.disable_block_swap()
+    assert torch.equal(run(model, args), resident)
+
+
 @pytest.mark.parametrize("layout", DIT_LAYOUTS)
 def test_swap_on_and_off_agree_for_every_layout(tmp_path, layout):
     path = write_dit_checkpoint(tmp_path / layout, "t2v", layout, config=replace(tiny_dit_config("t2v"), num_layers=3))

@@ -58,6 +58,19 @@ def activation_bytes(model: nn.Module, latent_shape: Optional[Sequence[int]] = N
     return block_activation_bytes(model, batch, tokens, per_token_time=model.config.model_type == "ti2v")
 
 
+def auto_blocks_to_swap(model: nn.Module, device: torch.device, *, latent_shape: Optional[Sequence[int]] = None,
+                        free_memory: Optional[int] = None, prefetch: int = 1) -> int:
+    """The fewest blocks to swap for a forward over `latent_shape` to fit `free_memory` bytes
+    (default: what `device` has free, plus what the model holds there)."""
+    activations = activation_bytes(model, latent_shape)
+    if free_memory is None:
+        free_memory = device_free_bytes(device, own=model.placement.device_bytes())
+    count = plan_blocks_to_swap(model, free_bytes=free_memory, activation_bytes=activations, prefetch=prefetch)
+    log.info("block swap auto: %d of %d blocks (%.1f GiB free, ~%.1f GiB of activations)", count,
+             model.config.num_layers, free_memory / 2 ** 30, activations / 2 ** 30)
+    return count
+
+
 def enable_block_swap(model: nn.Module, blocks_to_swap: BlocksToSwap, *, device, prefetch: int = 1,
                       host_memory: str = "auto", latent_shape: Optional[Sequence[int]] = None,
                       free_memory: Optional[int] = None, place: bool = True) -> int:
@@ -79,15 +92,10 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: BlocksToSwap, *, device,
     current = model.placement.swap if model.placement.swap is not None and model.placement.swap.device == device \
         else None
     if blocks_to_swap == AUTO:
-        activations = activation_bytes(model, latent_shape)
-        if free_memory is None:
-            free_memory = device_free_bytes(device) + model.placement.device_bytes()
-        blocks_to_swap = plan_blocks_to_swap(model, free_bytes=free_memory, activation_bytes=activations,
+        blocks_to_swap = auto_blocks_to_swap(model, device, latent_shape=latent_shape, free_memory=free_memory,
                                              prefetch=prefetch)
         if current is not None and current.prefetch == prefetch and len(current.order) >= blocks_to_swap:
             blocks_to_swap = len(current.order)  # what is set up still fits: keep it (and its pinned copies)
-        log.info("block swap auto: %d of %d blocks swapped (%.1f GiB free, ~%.1f GiB of activations)",
-                 blocks_to_swap, layers, free_memory / 2 ** 30, activations / 2 ** 30)
     if blocks_to_swap == 0:
         model.placement.disable_swap()
         if place:
@@ -112,5 +120,6 @@ def release_host_weights(model) -> bool:
     return bool(release()) if callable(release) else False
 
 
-__all__ = ["AUTO", "HOST_MEMORY_MODES", "BlockSwap", "WeightPlacement", "activation_bytes", "check_blocks_to_swap",
+__all__ = ["AUTO", "HOST_MEMORY_MODES", "BlockSwap", "WeightPlacement", "activation_bytes", "auto_blocks_to_swap",
+           "check_blocks_to_swap",
            "device_bytes_needed", "enable_block_swap", "plan_blocks_to_swap", "release_host_weights"]

@@ -50,7 +50,7 @@ class BlockSwap:
     """
 
     def __init__(self, placement: "WeightPlacement", blocks: Sequence[int], device: torch.device, *,
-                 prefetch: int, pinned: bool, base_tensors):
+                 prefetch: int, pinned: bool, base_tensors, reuse: Optional["BlockSwap"] = None):
         if not blocks:
             raise ValueError("block swap needs at least one block to swap")
         self._placement = weakref.ref(placement)
@@ -67,8 +67,13 @@ class BlockSwap:
                 raise ValueError(f"block {i} does not have the tensors of block {self.order[0]} (names, shapes, "
                                  f"dtypes); block swap needs identically stored blocks")
         self._arenas: dict[int, PinnedBuffer] = {}
+        handed_over = reuse._arenas if reuse is not None and reuse.pinned and pinned and \
+            reuse.layout.signature() == self.layout.signature() else {}
         if pinned:
             for i, tensors in bases.items():
+                if i in handed_over:  # already holds this block's base: taken, not copied
+                    self._arenas[i] = handed_over.pop(i)
+                    continue
                 arena = self._arenas[i] = PinnedBuffer(self.layout.nbytes)
                 self.layout.pack(tensors, arena.tensor)
                 for name, view in self.layout.views(arena.tensor).items():
@@ -103,6 +108,10 @@ class BlockSwap:
 
     def pinned_bytes(self) -> int:
         return sum(a.nbytes for a in self._arenas.values()) + sum(s.nbytes for s in self._staging)
+
+    def pinned_blocks(self) -> set[int]:
+        """The blocks whose base lives in this object's pinned buffers."""
+        return set(self._arenas)
 
     def pinned_names(self) -> set[str]:
         return {block_prefix(i) + s.name for i in self._arenas for s in self.layout.slots}

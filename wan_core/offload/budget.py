@@ -153,13 +153,14 @@ def plan_blocks_to_swap(model: nn.Module, *, free_bytes: int, activation_bytes: 
     return layers
 
 
-def device_free_bytes(device: torch.device) -> int:
-    """What this process can still allocate on a CUDA device: the driver's free memory plus what
-    PyTorch's allocator holds unused, capped by `torch.cuda.set_per_process_memory_fraction`."""
+def device_free_bytes(device: torch.device, own: int = 0) -> int:
+    """What this process could allocate on a CUDA device if `own` allocated bytes were given
+    back: the driver's free memory plus what PyTorch's allocator holds unused, capped by
+    `torch.cuda.set_per_process_memory_fraction`."""
     free, total = torch.cuda.mem_get_info(device)
     allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     cap = int(torch.cuda.get_per_process_memory_fraction(device) * total)
-    return max(0, min(free + reserved - allocated, cap - allocated))
+    return max(0, min(free + reserved - allocated, cap - allocated) + own)
 
 
 def host_available_bytes() -> tuple[int, int]:

@@ -158,21 +158,17 @@ class WeightPlacement:
                     place: bool = True) -> None:
         """Swap `blocks` between host memory and `device` (any device, the CPU included: that is
         what the CPU tests exercise). With `place` the model is put on `device` now; otherwise
-        swapping starts when the model is next moved there."""
+        swapping starts when the model is next moved there. A previous set-up hands over the
+        pinned copies of the blocks both swap; blocks no longer swapped are uploaded."""
         from wan_core.offload.block_swap import BlockSwap, block_prefix
 
         device = resolve_device(device)
         blocks = sorted(blocks)
-        if self.swap is not None and self.swap.settings() == (blocks, device, prefetch, pinned):
+        old = self.swap
+        if old is not None and old.settings() == (blocks, device, prefetch, pinned):
             if place:
                 self.move(device)
             return
-        if self.swap is not None:  # another set-up: leave the device first, so that nothing is
-            was = self.current_device()  # uploaded only to be dropped again
-            if was.type != "cpu":
-                self.move("cpu")
-            self.disable_swap()
-            place = place or was == device
         if self.released:
             self.remap()
         model = self.model
@@ -184,28 +180,41 @@ class WeightPlacement:
                     (prefix + name in self.patched or live[name].device.type != "cpu") else live[name]
                     for name in live}
 
-        self.swap = BlockSwap(self, blocks, device, prefetch=prefetch, pinned=pinned, base_tensors=base_tensors)
+        self.swap = None
+        if old is not None:
+            old.deactivate()
+        swap = BlockSwap(self, blocks, device, prefetch=prefetch, pinned=pinned, base_tensors=base_tensors,
+                         reuse=old)
+        if old is not None:
+            self._unpin(old)
+            old.close()
+        self.swap = swap
         if place or self.current_device() == device:
             self.move(device)
 
     def disable_swap(self) -> None:
         """Stop swapping: every block goes where the rest of the model is."""
-        from wan_core.offload.block_swap import block_prefix
-
         if self.swap is None:
             return
         swap, self.swap = self.swap, None
         swap.deactivate()
-        if swap.pinned:  # the base must outlive the pinned buffers
-            fresh = self.reload() if self.reload is not None else {}
-            for index in swap.order:
-                module, prefix = self.model.blocks[index], block_prefix(index)
-                for name in unit_tensors(module):
-                    full = prefix + name
-                    self.host[full] = fresh[full] if full in fresh else self.host[full].clone()
-                    set_unit_tensor(module, name, self.host[full])
+        self._unpin(swap)
         self.move(self.current_device())
         swap.close()
+
+    def _unpin(self, swap: "BlockSwap") -> None:
+        """The blocks whose base is still in `swap`'s pinned buffers get a host copy of their own
+        (from the file when it can be read again), since the buffers are about to be freed."""
+        from wan_core.offload.block_swap import block_prefix
+
+        leaving = [index for index in swap.order if index in swap.pinned_blocks()]
+        fresh = self.reload() if self.reload is not None and leaving else {}
+        for index in leaving:
+            module, prefix = self.model.blocks[index], block_prefix(index)
+            for name in unit_tensors(module):
+                full = prefix + name
+                self.host[full] = fresh[full] if full in fresh else self.host[full].clone()
+                set_unit_tensor(module, name, self.host[full])
 
     # --- host RAM ----------------------------------------------------------------------------
 
