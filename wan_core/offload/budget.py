@@ -159,7 +159,8 @@ def device_free_bytes(device: torch.device, own: int = 0) -> int:
     `torch.cuda.set_per_process_memory_fraction`."""
     free, total = torch.cuda.mem_get_info(device)
     allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-    cap = int(torch.cuda.get_per_process_memory_fraction(device) * total)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.8
+    cap = int(fraction * total)
     return max(0, min(free + reserved - allocated, cap - allocated) + own)
 
 

@@ -68,8 +68,13 @@ class PinnedBuffer:
         self._unregister = None
         if not torch.cuda.is_available() or nbytes == 0:
             return
-        cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)) == 0:
+        try:
+            cudart = torch.cuda.cudart()
+            result = cudart.cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            registered = int(getattr(result, "value", result)) == 0
+        except (AttributeError, RuntimeError, TypeError):  # a torch without these bindings
+            registered = False
+        if registered:
             self._unregister = weakref.finalize(self, cudart.cudaHostUnregister, self.tensor.data_ptr())
         else:  # e.g. a locked-memory limit: PyTorch's allocator may still find the room
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
