@@ -85,7 +85,7 @@ class Bench:
         self.args = args
         self.start = time.perf_counter()
         self.cuda = not args.dry_run
-        self.device = torch.device("cuda" if self.cuda else "cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.report: dict = {"skipped": [], "results": []}
         self.log = open(args.log, "a") if args.log else None
 

@@ -25,10 +25,12 @@ from torch.utils._pytree import tree_flatten
 log = logging.getLogger("wan_core")
 
 GIB = 2 ** 30
-# Left free beyond the estimate: allocator rounding and fragmentation, cuBLAS/attention
-# workspaces, the sampler's latents, and what the estimate does not see (CUDA context).
-MARGIN_BYTES = 512 * 2 ** 20
-MARGIN_FRACTION = 0.05
+# Left free beyond the estimate: the caching allocator's fragmentation, cuBLAS/attention
+# workspaces, the sampler's latents. On an H200 (bench/RESULTS.md) the peak reserved memory
+# exceeded weights + estimate by 0.9 GiB at 720p and 1.4 GiB at 480p, and a 16 GB plan with
+# 1.3 GiB of margin ran out; the blocks this margin swaps in addition cost no measurable time.
+MARGIN_BYTES = GIB
+MARGIN_FRACTION = 0.08
 # Pin the swapped blocks as a whole only if that leaves this much host RAM available.
 PINNED_RAM_RESERVE_BYTES = 8 * GIB
 PINNED_RAM_RESERVE_FRACTION = 0.25
@@ -157,6 +159,8 @@ def device_free_bytes(device: torch.device, own: int = 0) -> int:
     """What this process could allocate on a CUDA device if `own` allocated bytes were given
     back: the driver's free memory plus what PyTorch's allocator holds unused, capped by
     `torch.cuda.set_per_process_memory_fraction`."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.8
