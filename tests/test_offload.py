@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -139,6 +140,22 @@ def test_a_new_swap_set_up_takes_over_the_pinned_copies_it_shares():
             assert placement.swap._arenas[3] is kept  # handed over, not copied again
     model.disable_block_swap()
     assert torch.equal(run(model, args), resident)
+
+
+def test_pinned_buffers_are_made_once_and_freed_with_the_model():
+    model = tiny_model()
+    args = inputs(model)
+    model.placement.enable_swap([1, 2, 3], "cpu", prefetch=1, pinned=False)
+    swap = model.placement.swap
+    run(model, args)
+    staging = [id(buffer) for buffer in swap._staging]
+    for _ in range(2):
+        run(model, args)
+    assert [id(buffer) for buffer in swap._staging] == staging and len(staging) == 2
+    swap.drain()  # the next forward's first block is being staged: that job holds the swap till it ends
+    freed = weakref.ref(swap)
+    del model, swap
+    assert freed() is None  # no reference cycle: freed as soon as the model is (ComfyUI dropping it)
 
 
 @pytest.mark.parametrize("layout", DIT_LAYOUTS)
