@@ -275,6 +275,7 @@ def test_released_host_weights_are_mapped_again_when_used(tmp_path):
     assert model.release_host_weights()
     assert all(p.device.type == "meta" for p in model.parameters())
     assert model.device.type == "cpu" and not model.placement.host
+    assert model.release_host_weights() and all(t.device.type == "cpu" for t in model.state_dict().values())
     for _ in range(2):  # used again, released again, used again
         assert_close(run(model, args), before)
         assert all(p.device.type == "cpu" for p in model.parameters())

@@ -295,9 +295,15 @@ class WanDiT(nn.Module):
 
     def release_host_weights(self) -> bool:
         """Give back the host RAM of the weights this model's checkpoint file can provide again
-        (they are mapped from the file when next needed; weights on a GPU stay). Returns False
-        for a model not loaded from a file."""
+        (they are mapped from the file when next needed: forward, .to(), state_dict(); until
+        then released parameters are meta-device placeholders; weights on a GPU stay). Returns
+        False for a model not loaded from a file."""
         return self.placement.release_host()
+
+    def state_dict(self, *args, **kwargs):
+        if self.placement.released:
+            self.placement.remap()
+        return super().state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):
         # Device moves (.to, .cuda, .cpu, also from a parent module) go through the placement:
