@@ -25,42 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan_core.configs import T2V_A14B_DIT  # noqa: E402
+from wan_core.testing.host_memory import rss_bytes as _rss_bytes  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-
-
-def write_synthetic(path: Path, layers: int, dtype: torch.dtype) -> None:
-    """Stream random weights to a safetensors file one tensor at a time (the writer itself
-    never holds the whole model, so the page cache is the only copy when the reader starts)."""
-    from wan_core.testing.dit import dit_state_dict
-
-    shapes = {k: tuple(v.shape) for k, v in
-              dit_state_dict(replace(T2V_A14B_DIT, num_layers=layers), device="meta").items()}
-    header, offset = {}, 0
-    for name in sorted(shapes):
-        nbytes = torch.Size(shapes[name]).numel() * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shapes[name]),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    generator = torch.Generator().manual_seed(0)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name in sorted(shapes):
-            t = (torch.randn(shapes[name], generator=generator) * 0.02).to(dtype)
-            f.write(t.view(torch.uint8).numpy().tobytes())
-
-
-def _rss_bytes(field: str) -> int:
-    """VmRSS / VmHWM of this process. VmHWM is the peak RSS of this process image alone;
-    ru_maxrss would also carry the parent's RSS at fork time across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def measure(path: Path, dtype: torch.dtype) -> dict:
@@ -98,7 +65,9 @@ def main() -> None:
         return
 
     if not args.file.exists():
-        write_synthetic(args.file, args.layers, dtype)
+        from wan_core.testing import write_streamed_dit
+
+        write_streamed_dit(args.file, replace(T2V_A14B_DIT, num_layers=args.layers), dtype=dtype)
     size = args.file.stat().st_size
     out = subprocess.run([sys.executable, __file__, "--measure", "--file", str(args.file), "--dtype", args.dtype,
                           "--load-dtype", args.load_dtype],

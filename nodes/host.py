@@ -17,6 +17,11 @@ How ComfyUI's memory requests reach our models (read from ComfyUI's `main.py`, `
 - "Free model and node cache" (`POST /free {"free_memory": true}`) also resets the executor's
   node-output cache, which drops the loader nodes' outputs. `ModelCache` holds models weakly, so
   once ComfyUI drops them nothing of ours keeps them in memory.
+- A model that places its own weights (a `WanDiT`: block swap, host copies, patches; it has a
+  `placement`) is hidden from the patcher's per-layer loading: the patcher sees one module with
+  no parameters of its own, of the size we report (`HostedModel.set_device_bytes`: the resident
+  part and the swap slots), whose moves go to the model's own `.to()`. `load_to_compute` asks
+  for the activation memory on top (`memory_required`), so ComfyUI frees room for both first.
 """
 from __future__ import annotations
 
@@ -280,8 +285,22 @@ class HostedModel:
         self.device = torch.device(device) if device is not None else compute_device(role)
         self._patcher = None
         if IN_COMFYUI:
+            if _places_itself(self.module):  # sized as fully resident until told otherwise
+                managed = _named(_SelfPlacing, self.label)(self.module)
+                size = sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
+            else:
+                managed, size = _named(_Managed, self.label)(self.module), 0  # 0: the patcher measures it
             self._patcher = _model_patcher.ModelPatcher(
-                _managed(self.module, self.label), load_device=self.device, offload_device=offload_device(role))
+                managed, load_device=self.device, offload_device=offload_device(role), size=size)
+
+    def set_device_bytes(self, nbytes: int) -> None:
+        """The device memory this model takes when loaded (what ComfyUI accounts for it)."""
+        if self._patcher is not None:
+            self._patcher.size = int(nbytes)
+
+
+def _places_itself(module: torch.nn.Module) -> bool:
+    return hasattr(module, "placement")
 
 
 class _Managed(torch.nn.Module):
@@ -294,21 +313,56 @@ class _Managed(torch.nn.Module):
         self.inner = module
 
 
-def _managed(module: torch.nn.Module, label: str) -> _Managed:
-    """A _Managed whose class is named after what it holds: ComfyUI's console says "Requested
-    to load <class name>", which should read e.g. "Wan2.2 t2v-A14B DiT (wan2.2_t2v_...)"."""
-    return type(label, (_Managed,), {"__module__": __name__})(module)
+def _named(kind: type, label: str) -> type:
+    """A subclass of `kind` named after what it holds: ComfyUI's console says "Requested to load
+    <class name>", which should read e.g. "Wan2.2 t2v-A14B DiT (wan2.2_t2v_...)"."""
+    return type(label, (kind,), {"__module__": __name__})
 
 
-def load_to_compute(models: Iterable[HostedModel]) -> None:
-    """Put whole models on their compute devices before use (ComfyUI frees room for them)."""
+class _SelfPlacing(torch.nn.Module):
+    """What the patcher manages for a model that places its own weights: no submodules or
+    parameters it could move one layer at a time (it would copy host weights back and forth);
+    every move it makes is handed to the model's own `.to()`."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "inner", module)  # not registered: invisible to the patcher
+
+    def _apply(self, fn, recurse: bool = True):
+        self.inner._apply(fn, recurse)
+        return self
+
+
+def load_to_compute(models: Iterable[HostedModel], memory_required: int = 0) -> None:
+    """Put whole models on their compute devices before use; ComfyUI frees room for them and
+    for `memory_required` bytes of working memory beside them."""
     models = list(models)
     if IN_COMFYUI:
         patchers = [m._patcher for m in models]
-        _model_management.load_models_gpu(patchers, force_full_load=True)
+        _model_management.load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=True)
         return
     for m in models:
         m.module.to(m.device)
+
+
+def free_device_memory(nbytes: int, device: torch.device, keep: Iterable[HostedModel] = ()) -> None:
+    """Ask the host to make `nbytes` free on `device` by unloading other models (not `keep`)."""
+    if IN_COMFYUI and device.type != "cpu":
+        patchers = [m._patcher for m in keep]
+        kept = [loaded for loaded in _model_management.current_loaded_models
+                if any(loaded.model is p for p in patchers)]
+        _model_management.free_memory(int(nbytes), device, keep_loaded=kept)
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory on `device` as the host reports it (ComfyUI's own figure when hosted)."""
+    if IN_COMFYUI:
+        return int(_model_management.get_free_memory(device))
+    if device.type == "cuda":
+        from wan_core.offload.budget import device_free_bytes as torch_free_bytes
+
+        return torch_free_bytes(device)
+    return 0
 
 
 def offload(models: Iterable[HostedModel]) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from wan_core import pipeline
 from wan_core.configs import DEFAULT_NEGATIVE_PROMPT
+from wan_core.offload import AUTO, HOST_MEMORY_MODES, activation_bytes, device_bytes_needed, release_host_weights
 from wan_core.preview import latent_to_rgb
 from wan_core.sampling import SOLVERS, GuideScale, sample
 from wan_core.vae import Tiling
@@ -33,6 +34,8 @@ SPLITS = ("boundary", "steps")
 # The node inputs that wan_core's request checks speak of (wan_core.pipeline.Request's fields).
 LATENT_NAMES = {"size": "width x height", "frame_num": "length", "image": "start_image"}
 SAMPLER_NAMES = {"guide_scale": "cfg_high_noise / cfg_low_noise", "boundary": "boundary"}
+MAX_BLOCKS = 40  # the A14B experts' layer count (the 5B has 30; the sampler checks per model)
+MAX_PREFETCH = 8
 
 
 class W22TextEncode:
@@ -150,7 +153,9 @@ class W22MemorySettings:
     DESCRIPTION = ("Memory settings for the MoE sampler. With offload_inactive_expert the expert "
                    "that is not running waits in CPU memory, so only one 14B expert occupies the GPU "
                    "at a time (the reference's --offload_model); without it both stay loaded when "
-                   "they fit, and the hand-off costs nothing.")
+                   "they fit, and the hand-off costs nothing. Block swap keeps some transformer "
+                   "blocks in CPU memory and copies each to the GPU for its turn while the previous "
+                   "one computes: a 14B expert at 720p fits a 12 GB card (bench/RESULTS.md).")
     CATEGORY = "Wan2.2/sampling"
     RETURN_TYPES = ("WANMEMORY",)
     RETURN_NAMES = ("memory",)
@@ -164,12 +169,44 @@ class W22MemorySettings:
                 "default": True,
                 "tooltip": "Move the high-noise expert to the CPU when the low-noise one takes over "
                            "(and keep the low-noise one off the GPU until then)."}),
+            "blocks_to_swap": ([AUTO, *(str(n) for n in range(MAX_BLOCKS + 1))], {
+                "default": AUTO,
+                "tooltip": "Transformer blocks kept in CPU memory and streamed to the GPU each step "
+                           "(0: none; an A14B expert has 40, the 5B 30). auto: the fewest that fit the "
+                           "GPU's free memory for this video's size and length. Swapping all 40 costs a "
+                           "few percent of step time."}),
+            "prefetch_blocks": ("INT", {
+                "default": 1, "min": 0, "max": MAX_PREFETCH,
+                "tooltip": "Swapped blocks copied ahead while the current one computes (each takes "
+                           "one block of GPU memory: 0.7 GB bf16, 0.35 GB fp8 at 14B)."}),
+        }, "optional": {
+            "swap_host_memory": (list(HOST_MEMORY_MODES), {
+                "default": "auto",
+                "tooltip": "Where swapped blocks wait. pinned: copied once into page-locked RAM "
+                           "(fastest; takes their size in RAM). staged: read from the memory-mapped "
+                           "file through small page-locked buffers (for machines without the RAM). "
+                           "auto: pinned when RAM allows."}),
         }}
 
-    def settings(self, offload_inactive_expert: bool):
+    def settings(self, offload_inactive_expert: bool, blocks_to_swap: str = AUTO, prefetch_blocks: int = 1,
+                 swap_host_memory: str = "auto"):
         if not isinstance(offload_inactive_expert, bool):
             raise TypeError(f"offload_inactive_expert must be true or false, got {offload_inactive_expert!r}")
-        return ({"offload_inactive_expert": offload_inactive_expert},)
+        if blocks_to_swap != AUTO:
+            try:
+                blocks_to_swap = int(blocks_to_swap)
+            except (TypeError, ValueError):
+                blocks_to_swap = -1
+            if not 0 <= blocks_to_swap <= MAX_BLOCKS:
+                raise ValueError(f"blocks_to_swap must be 'auto' or a whole number 0..{MAX_BLOCKS}, got "
+                                 f"{blocks_to_swap!r}")
+        if isinstance(prefetch_blocks, bool) or not isinstance(prefetch_blocks, int) or \
+                not 0 <= prefetch_blocks <= MAX_PREFETCH:
+            raise ValueError(f"prefetch_blocks must be a whole number 0..{MAX_PREFETCH}, got {prefetch_blocks!r}")
+        if swap_host_memory not in HOST_MEMORY_MODES:
+            raise ValueError(f"swap_host_memory must be one of {list(HOST_MEMORY_MODES)}, got {swap_host_memory!r}")
+        return ({"offload_inactive_expert": offload_inactive_expert, "blocks_to_swap": blocks_to_swap,
+                 "prefetch_blocks": prefetch_blocks, "swap_host_memory": swap_host_memory},)
 
 
 class W22MoESampler:
@@ -303,7 +340,7 @@ class W22MoESampler:
             offload = memory.get("offload_inactive_expert", False)
             return ({**latent, "samples": sample_on_workers(parallel, models,
                                                             {**sample_inputs, "offload_inactive_expert": offload})},)
-        experts = _ExpertPlacement(models, memory.get("offload_inactive_expert", False)).experts
+        experts = _ExpertPlacement(models, memory, tuple(samples.shape)).experts
         on_step, on_denoised = _sampling_progress()
         result = sample(experts if two else experts[0], **sample_inputs, callback=on_step, denoised_callback=on_denoised)
         return ({**latent, "samples": result.cpu()},)
@@ -331,7 +368,9 @@ class W22Decode:
                            "difference at tile seams."}),
             "tile_size": ("INT", {
                 "default": 256, "min": 64, "max": MAX_SIZE, "step": 16,
-                "tooltip": "Tile width and height in pixels (used when tiled)."}),
+                "tooltip": "Tile width and height in pixels (used when tiled). 720p x 81 frames fits a 12 GB "
+                           "card with 512 (overlap 64: 9.6 GiB peak with the fp32 VAE, measured on an H200; "
+                           "640 needs about 13 GiB); 256 needs about 3 GiB and takes longer."}),
             "tile_overlap": ("INT", {
                 "default": 64, "min": 0, "max": MAX_SIZE // 2, "step": 16,
                 "tooltip": "Overlap between neighbouring tiles in pixels, blended linearly (used when "
@@ -375,22 +414,49 @@ class _ExpertPlacement:
 
     The sampler calls the experts in order (all high-noise steps, then all low-noise ones), so
     an expert is placed on its first call. With `offload_inactive` the expert that stops
-    running is sent to its offload device first, so the two never share the GPU. Placement
-    goes through the host, so ComfyUI's model manager knows where every model is.
+    running is sent to its offload device first, so the two never share the GPU; either way it
+    gives its host RAM back (mapped from its file again when next used). On a GPU the block
+    swap is set up first (`memory`'s blocks_to_swap; "auto" after the host freed what it could
+    for the whole model), then the host is told the device bytes and the activation memory.
+    Placement goes through the host, so ComfyUI's model manager knows where every model is.
     """
 
-    def __init__(self, models: list[WanModel], offload_inactive: bool):
-        self.offload_inactive = offload_inactive
+    def __init__(self, models: list[WanModel], memory: dict, latent_shape: tuple[int, ...]):
+        self.offload_inactive = memory.get("offload_inactive_expert", False)
+        self.blocks_to_swap = memory.get("blocks_to_swap", 0)
+        self.prefetch = memory.get("prefetch_blocks", 1)
+        self.host_memory = memory.get("swap_host_memory", "auto")
+        self.latent_shape = latent_shape
         self.active: Optional[host.HostedModel] = None
         self.experts = [_PlacedExpert(self, m) for m in models]
 
     def activate(self, hosted: host.HostedModel) -> None:
         if self.active is hosted:
             return
-        if self.offload_inactive and self.active is not None:
-            host.offload([self.active])
-        host.load_to_compute([hosted])
+        if self.active is not None:
+            if self.offload_inactive:
+                host.offload([self.active])
+            release_host_weights(self.active.module)
+        activations = self._set_up_swap(hosted)
+        host.load_to_compute([hosted], memory_required=activations)
         self.active = hosted
+
+    def _set_up_swap(self, hosted: host.HostedModel) -> int:
+        """Configure the expert's block swap for its device; returns its activation bytes."""
+        module, device = hosted.module, hosted.device
+        if device.type != "cuda":
+            return 0
+        activations = activation_bytes(module, self.latent_shape)
+        free = None
+        if self.blocks_to_swap == AUTO:
+            whole = device_bytes_needed(module, 0, prefetch=self.prefetch, activation_bytes=activations)
+            host.free_device_memory(whole, device, keep=[hosted])
+            free = host.device_free_bytes(device) + module.placement.device_bytes()
+        swapped = module.enable_block_swap(self.blocks_to_swap, device=device, prefetch=self.prefetch,
+                                           host_memory=self.host_memory, latent_shape=self.latent_shape,
+                                           free_memory=free, place=False)
+        hosted.set_device_bytes(device_bytes_needed(module, swapped, prefetch=self.prefetch, activation_bytes=0))
+        return activations
 
 
 class _PlacedExpert:

@@ -37,7 +37,7 @@ def test_i2v_through_the_cli_keeps_the_image_aspect(tiny_folders, tmp_path):
     # flags without the command word mean `generate`, like the reference's generate.py
     rc = main(["--task", "i2v-A14B", "--ckpt_dir", str(tiny_folders["i2v-A14B"]), "--prompt", "waves",
                "--image", str(image), "--save_file", str(out), "--sample_guide_scale", "3.0,4.0",
-               "--offload_model", "true", "--t5_cpu", *TINY])
+               "--offload_model", "true", "--t5_cpu", "--blocks_to_swap", "auto", *TINY])  # on a CPU: nothing to swap
     assert rc == 0
     height, width = i2v_pixel_size((40, 100), (64, 32), "i2v-A14B")
     frames, _ = read_video(out)
@@ -76,6 +76,9 @@ def test_ctrl_c_stops_after_the_current_step_and_writes_nothing(tiny_folders, tm
     ("t2v-A14B", ["--boundary", "1.5"], "boundary must be a fraction in (0, 1)"),
     ("t2v-A14B", ["--boundary", "0"], "boundary must be a fraction in (0, 1)"),
     ("i2v-A14B", ["--image", "/no/such/image.png"], "--image /no/such/image.png: file not found"),
+    ("t2v-A14B", ["--blocks_to_swap", "41"], "blocks_to_swap must be 'auto' or a whole number 0..40"),
+    ("ti2v-5B", ["--blocks_to_swap", "31"], "whole number 0..30 (this model has 30 blocks)"),
+    ("t2v-A14B", ["--prefetch_blocks", "-1"], "--prefetch_blocks must be >= 0"),
 ])
 def test_bad_requests_fail_fast_with_a_clear_message(task, extra, message, tmp_path, capsys):
     rc = main(["generate", "--task", task, "--ckpt_dir", str(tmp_path), "--prompt", "x", *extra])
@@ -95,6 +98,12 @@ def test_missing_checkpoint_files_are_named(tiny_folders, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing: low_noise_model/" in err and "Wan2.1_VAE.pth" in err
     assert "models_t5_umt5-xxl-enc-bf16.pth" not in err  # present, so not reported
+
+
+def test_blocks_to_swap_flag_takes_a_number_or_auto(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--ckpt_dir", ".", "--prompt", "x", "--blocks_to_swap", "lots"])
+    assert "expected a number of blocks or auto" in capsys.readouterr().err
 
 
 def test_guide_scale_flag_takes_one_number_or_a_pair(capsys):

@@ -310,15 +310,27 @@ def test_memory_settings_place_one_expert_at_a_time(models, monkeypatch, offload
     for verb in ("load_to_compute", "offload"):
         real = getattr(host, verb)
 
-        def record(models, real=real, verb=verb):
+        def record(models, *args, real=real, verb=verb, **kwargs):
             models = list(models)
             events.extend((verb, names[id(m)]) for m in models)
-            return real(models)
+            return real(models, *args, **kwargs)
         monkeypatch.setattr(host, verb, record)
     memory = samplers.W22MemorySettings().settings(offload)[0]
     _sample(high, conditioning, latent, low=low, memory=memory, steps=4)  # shift 12: 3 high-noise steps
     expected = [("load_to_compute", "high")] + [("offload", "high")] * offload + [("load_to_compute", "low")]
     assert events == expected
+
+
+def test_memory_settings_check_and_pass_the_block_swap_settings():
+    settings = samplers.W22MemorySettings().settings
+    assert settings(False, "12", 2, "staged")[0] == {"offload_inactive_expert": False, "blocks_to_swap": 12,
+                                                      "prefetch_blocks": 2, "swap_host_memory": "staged"}
+    assert settings(True)[0]["blocks_to_swap"] == "auto"
+    for args, message in [((True, "41"), "blocks_to_swap must be 'auto' or a whole number 0..40"),
+                          ((True, "some"), "blocks_to_swap must be"), ((True, "2", 9), "prefetch_blocks must be"),
+                          ((True, "2", 1, "disk"), "swap_host_memory must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            settings(*args)
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 The flags are the reference's generate.py flags for the T2V-A14B, I2V-A14B, TI2V-5B and S2V-14B tasks,
 with the same defaults (each task's steps, shift, guide scale and frame count; a random seed
 when --base_seed is negative; --offload_model on for a single GPU), plus a few of our own:
---negative_prompt, --boundary, --device, --quant, --allow_any_size and --save_latent.
-`--ckpt_dir` is the official release folder (e.g. Wan2.2-T2V-A14B/ with high_noise_model/,
-low_noise_model/, the umt5 .pth, google/umt5-xxl/ and the VAE .pth).
+--negative_prompt, --boundary, --device, --quant, --blocks_to_swap, --prefetch_blocks,
+--allow_any_size and --save_latent. `--ckpt_dir` is the official release folder (e.g.
+Wan2.2-T2V-A14B/ with high_noise_model/, low_noise_model/, the umt5 .pth, google/umt5-xxl/ and
+the VAE .pth).
 
 Ctrl-C during sampling stops after the current step without writing a video; a second Ctrl-C
 stops at once.
@@ -40,6 +41,7 @@ from safetensors.torch import save_file as save_file_safetensors
 
 from wan_core.configs import TASKS
 from wan_core.ops.attention import AUTO, auto_reason, available_backends, resolve_backend
+from wan_core.offload import check_blocks_to_swap
 from wan_core.parallel.groups import ParallelConfig, init_distributed
 from wan_core.parallel.launch import any_rank, distribute_task_models, same_on_all_ranks
 from wan_core.pipeline import (GenerationInterrupted, Request, check_device, default_size, format_size,
@@ -76,6 +78,15 @@ def _guide_scale(value: str):
     if len(numbers) == 2:
         return GuideScale(*numbers)
     raise argparse.ArgumentTypeError(f"expected a number or LOW,HIGH (e.g. 3.0,4.0), got {value!r}")
+
+
+def _blocks_to_swap(value: str):
+    """"auto" or a whole number >= 0 (the upper bound is the model's layer count)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    if value.strip().isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a number of blocks or auto, got {value!r}")
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +137,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default=AUTO, choices=(AUTO, *available_backends()),
                         help="Attention back-end: auto (the fastest one here that passes an accuracy probe, else "
                              "sdpa) or one by name; sdpa is exact.")
+    parser.add_argument("--blocks_to_swap", default=None, type=_blocks_to_swap,
+                        help="N or auto: keep N transformer blocks of each expert in CPU memory and stream them to "
+                             "the GPU during each step (auto: the fewest that fit the GPU's free memory for this "
+                             "size and frame count). Fits a 14B expert at 720p into 12 GB for a few percent of "
+                             "step time (bench/RESULTS.md).")
+    parser.add_argument("--prefetch_blocks", type=int, default=1,
+                        help="Swapped blocks copied ahead while one computes (default 1).")
     parser.add_argument("--allow_any_size", action="store_true",
                         help="Accept sizes the models were not trained at (multiples of VAE stride x patch).")
     parser.add_argument("--save_latent", default=None, metavar="FILE",
@@ -240,6 +258,13 @@ def run_generate(args: argparse.Namespace) -> Path:
     if args.t5_fsdp and args.t5_cpu:
         raise ValueError("--t5_fsdp shards the text encoder over the GPUs and --t5_cpu keeps it on the CPU: pick one")
     request, device = check_args(args, _seed(args))
+    if args.blocks_to_swap is not None:
+        check_blocks_to_swap(args.blocks_to_swap, task.dit.num_layers)
+        if plan.world_size > 1:
+            raise ValueError("--blocks_to_swap streams one GPU's blocks from CPU memory; on several GPUs shard the "
+                             "weights with --dit_fsdp instead")
+    if args.prefetch_blocks < 0:
+        raise ValueError(f"--prefetch_blocks must be >= 0, got {args.prefetch_blocks}")
     save_file = args.save_file or default_save_file(task.name, request.video_size, args.prompt)
     check_output_path(save_file, "--save_file")
     device, world_size = init_distributed(device)
@@ -276,6 +301,11 @@ def _generate_and_write(args: argparse.Namespace, request: Request, device: torc
     _set_attention(models, args.attention, device, dtype)
     if args.compile:
         models.compile_blocks()
+    if args.blocks_to_swap is not None:
+        swapped = models.enable_block_swap(args.blocks_to_swap, size=request.video_size, frame_num=request.frame_num,
+                                           prefetch=args.prefetch_blocks)
+        log.info("block swap: %s of %d blocks per expert in CPU memory", "/".join(map(str, swapped)),
+                 task.dit.num_layers)
     if world_size > 1:
         models, _ = distribute_task_models(models, plan, device, offload_model=offload, t5_cpu=args.t5_cpu)
     log.info("generating %d frames at %s, %d steps, seed %d", request.frame_num, format_size(request.video_size),
@@ -347,6 +377,8 @@ def _run_s2v(args: argparse.Namespace, task) -> Path:
             raise FileNotFoundError(f"{flag} {path}: file not found")
     if args.ulysses_size > 1 or args.cfg_parallel or args.dit_fsdp or args.t5_fsdp:
         raise ValueError(f"{task.name} runs on one GPU: drop --ulysses_size / --cfg_parallel / --dit_fsdp / --t5_fsdp")
+    if args.blocks_to_swap is not None:
+        check_blocks_to_swap(args.blocks_to_swap, task.dit.num_layers)
     if args.frame_num is not None or args.boundary is not None:
         raise ValueError(f"{task.name} sets its length with --infer_frames and --num_clip and runs one model: "
                          f"drop --frame_num / --boundary")
@@ -374,6 +406,10 @@ def _generate_s2v_and_write(args: argparse.Namespace, task, size, steps: int, wa
     _set_attention(models, args.attention, device, dtype)
     if args.compile:
         models.compile_blocks()
+    if args.blocks_to_swap is not None:  # planned for one clip's frames (the motion frames come on top)
+        swapped = models.enable_block_swap(args.blocks_to_swap, size=size, frame_num=args.infer_frames + 1,
+                                           prefetch=args.prefetch_blocks)
+        log.info("block swap: %d of %d blocks in CPU memory", swapped[0], task.dit.num_layers)
 
     def on_step(done: int, total: int, latent) -> None:
         bar.total = total

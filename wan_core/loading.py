@@ -647,8 +647,28 @@ def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Uni
     expected = model.state_dict()
     _check_names_and_shapes(expected, shapes, fp8_weights, name, layouts, config)
 
+    names = list(expected)
+    model.load_state_dict(_dit_tensors(names, plain, quantized, fp8_weights, dtype, quant, device),
+                          strict=True, assign=True)
+    if quant in FP8_MATMUL_QUANTS:
+        enable_fp8_matmul(model.blocks)
+    if not isinstance(source, Mapping):
+        def reload() -> dict[str, torch.Tensor]:
+            """The same tensors in host memory again (memory-mapped where the file's dtype is kept)."""
+            plain, quantized = split_fp8(convert_layout(read_state_dict(source), "dit")[0])
+            return _dit_tensors(names, plain, quantized, fp8_weights, dtype, quant, torch.device("cpu"))
+
+        model.placement.reload = reload
+    return model.eval().requires_grad_(False)
+
+
+def _dit_tensors(names: Sequence[str], plain: Mapping[str, torch.Tensor],
+                 quantized: Mapping[str, tuple[torch.Tensor, torch.Tensor]], fp8_weights: set[str],
+                 dtype: torch.dtype, quant: Optional[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's tensors by name from the checkpoint's, each converted once to its stored
+    dtype on `device`: fp8-kept weights with their scales, dequantized fp8, or cast."""
     tensors: dict[str, torch.Tensor] = {}
-    for key, target in expected.items():
+    for key in names:
         if key.endswith(".weight_scale") and key[: -len("_scale")] in fp8_weights:
             continue  # assigned together with its weight
         if key in fp8_weights:
@@ -664,10 +684,7 @@ def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Uni
         else:
             value = plain[key]
             tensors[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    if quant in FP8_MATMUL_QUANTS:
-        enable_fp8_matmul(model.blocks)
-    return model.eval().requires_grad_(False)
+    return tensors
 
 
 def _folder_config(source: Source) -> Optional[dict]:

@@ -11,18 +11,23 @@ tokens, D model width, N heads, d = D/N head size (128 for every Wan model).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from wan_core.configs import DiTConfig
-from wan_core.dit.weights import WeightPatches, patch_key, patch_unit, set_unit_tensor, unit_tensors
+from wan_core.dit.weights import WeightPatches
+from wan_core.offload.placement import WeightPlacement
 from wan_core.ops.attention import AUTO, attention, check_backend, resolve_backend
 
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 1024  # the reference's table length per axis
+# Row-wise work (everything but the attention itself) runs in chunks of this many tokens, so its
+# intermediates take one chunk's memory: at 720p x 81 frames (75600 tokens) a block's activation
+# peak drops from about 13 to 7 times the size of one [tokens, dim] bf16 tensor. Below it, one chunk.
+CHUNK_TOKENS = 8192
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -78,6 +83,31 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+def token_chunks(tokens: int) -> list[slice]:
+    """Consecutive slices of at most CHUNK_TOKENS tokens covering `tokens`."""
+    return [slice(start, start + CHUNK_TOKENS) for start in range(0, tokens, CHUNK_TOKENS)]
+
+
+def by_token_chunks(fn: Callable[[slice], torch.Tensor], tokens: int) -> torch.Tensor:
+    """fn(rows) for each chunk of token rows, joined along dim 1 into one tensor: the same
+    numbers as fn(slice(None)) for row-wise work, holding one chunk's intermediates at a time."""
+    chunks = token_chunks(tokens)
+    if len(chunks) == 1:
+        return fn(slice(None))
+    out = None
+    for rows in chunks:
+        part = fn(rows)
+        if out is None:
+            out = part.new_empty(part.shape[0], tokens, *part.shape[2:])
+        out[:, rows] = part
+    return out
+
+
+def _rows(values: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The token rows of a per-token [B, L, ...] modulation; a [B, 1, ...] one as it is."""
+    return values if values.shape[1] == 1 else values[:, rows]
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dimension (all heads together), statistics in float32."""
 
@@ -117,13 +147,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, source: torch.Tensor, rope: Optional[torch.Tensor],
                 backend: str) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(source)).unflatten(-1, heads)
+
+        def normed(linear: nn.Module, norm: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+            def rows_of(rows: slice) -> torch.Tensor:
+                projected = norm(linear(inputs[:, rows])).unflatten(-1, heads)
+                return projected if rope is None else apply_rope(projected, rope[rows])
+            return by_token_chunks(rows_of, inputs.shape[1])
+
+        q, k = normed(self.q, self.norm_q, x), normed(self.k, self.norm_k, source)
         v = self.v(source).unflatten(-1, heads)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         attend = attention if self.sequence_parallel is None else self.sequence_parallel.attention
-        return self.o(attend(q, k, v, backend).flatten(-2))
+        out = attend(q, k, v, backend).flatten(-2)
+        del q, k, v  # freed before the output projection
+        return self.o(out)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -154,23 +192,43 @@ class WanBlock(nn.Module):
         # `segments` (token counts summing to L) one row per segment [B,len(segments),6,D]
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time_mod).unbind(2)
-        h = per_segment(modulate, (self.norm1(x),), (shift_sa, scale_sa), segments).to(dtype)
-        x = per_segment(torch.addcmul, (x, self.self_attn(h, h, rope, backend)), (gate_sa,), segments)
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, None, backend)
-        h = per_segment(modulate, (self.norm2(x),), (shift_ff, scale_ff), segments).to(dtype)
-        return per_segment(torch.addcmul, (x, self.ffn(h)), (gate_ff,), segments)
+        tokens = x.shape[1]
+        h = by_token_chunks(lambda rows: per_run(modulate, rows, segments, (self.norm1(x[:, rows]),),
+                                                 (shift_sa, scale_sa)).to(dtype), tokens)
+        x = per_run(torch.addcmul, slice(None), segments, (x, self.self_attn(h, h, rope, backend)), (gate_sa,))
+        del h
+        # cross-attention (queries are tokens) and MLP are row-wise: chunk by chunk, in place
+        # in this block's own residual tensor
+        for rows in token_chunks(tokens):
+            part = x[:, rows]
+            part += self.cross_attn(self.norm3(part).to(dtype), context, None, backend)
+            h = per_run(modulate, rows, segments, (self.norm2(part),), (shift_ff, scale_ff)).to(dtype)
+            if segments is None:
+                part.addcmul_(self.ffn(h), _rows(gate_ff, rows))
+            else:
+                part.copy_(per_run(torch.addcmul, rows, segments, (part, self.ffn(h)), (gate_ff,)))
+        return x
 
 
-def per_segment(op, tokens: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor],
-                segments: Optional[Sequence[int]]) -> torch.Tensor:
-    """op(*tokens, *vectors) over tokens [B,L,·]. With `segments` the tokens come in runs of
-    those lengths and each vector [B,len(segments),D] holds one row per run (S2V's reference
-    and motion tokens take the timestep-0 modulation): one pass per run, so no per-token copy
-    of the vectors is made."""
+def per_run(op, rows: slice, segments: Optional[Sequence[int]], tokens: Sequence[torch.Tensor],
+            vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """op(*tokens, *vectors) for the token rows `rows` of the block (`tokens` already cut to
+    them). Each vector [B, 1 | L | len(segments), D] holds one row for every token, one per
+    token, or with `segments` one per run of tokens of those lengths (S2V's reference and motion
+    tokens take the timestep-0 modulation): then one pass per run, so no per-token copy of the
+    vectors is made."""
     if segments is None:
-        return op(*tokens, *vectors)
-    runs = zip(*(t.split(list(segments), dim=1) for t in tokens))
-    return torch.cat([op(*run, *(v[:, i:i + 1] for v in vectors)) for i, run in enumerate(runs)], dim=1)
+        return op(*tokens, *(_rows(v, rows) for v in vectors))
+    start = rows.start or 0
+    stop = sum(segments) if rows.stop is None else min(rows.stop, sum(segments))
+    parts, offset = [], 0
+    for index, length in enumerate(segments):
+        low, high = max(offset, start), min(offset + length, stop)
+        if low < high:
+            cut = slice(low - start, high - start)
+            parts.append(op(*(t[:, cut] for t in tokens), *(v[:, index:index + 1] for v in vectors)))
+        offset += length
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class Head(nn.Module):
@@ -188,10 +246,25 @@ class Head(nn.Module):
         return _linear_fp32(self.head, modulate(self.norm(x), shift, scale))
 
 
+FP32_SLICE_ELEMENTS = 2 ** 22  # weight elements upcast at a time by _linear_fp32 (16 MiB in float32)
+
+
 def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear layer evaluated in float32 whatever its weights' dtype (the reference runs the
-    time embedding and the head under a float32 autocast)."""
-    return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    time embedding and the head under a float32 autocast).
+
+    A low-precision weight is upcast a slice of output rows at a time, so no float32 copy of
+    the whole matrix is made (the 14B time projection's would be 0.6 GB per forward pass);
+    each output is the same float32 dot product either way."""
+    x, weight, bias = x.float(), layer.weight, layer.bias
+    if weight.dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    rows = max(1, FP32_SLICE_ELEMENTS // weight.shape[1])
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        out[..., part] = F.linear(x, weight[part].float(), None if bias is None else bias[part].float())
+    return out
 
 
 Context = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -220,9 +293,8 @@ class WanDiT(nn.Module):
             from wan_core.dit.s2v import add_s2v_modules
 
             add_s2v_modules(self, config)
-        self._weight_patches: Optional[WeightPatches] = None
-        self._base_tensors: dict[str, torch.Tensor] = {}  # base values of the patched entries
         self.sequence_parallel = None  # wan_core.parallel.SequenceParallel: the tokens split over ranks
+        self.placement = WeightPlacement(self)  # host copies, device copies, patches, block swap
 
     def weight_units(self) -> list[tuple[str, nn.Module, str]]:
         """(prefix, module, names to skip) of each unit weights are patched and moved by: every
@@ -231,27 +303,64 @@ class WanDiT(nn.Module):
 
     @property
     def weight_patches(self) -> Optional[WeightPatches]:
-        return self._weight_patches
+        return self.placement.patches
 
     def set_weight_patches(self, patches: Optional[WeightPatches]) -> None:
         """Compute with base + `patches` from now on (None: the base alone).
 
-        The base tensors are never modified: each patched entry points at a new tensor and the
-        base one is kept to restore when the patches change. Setting patches with the same
-        `key` as the current ones does nothing."""
-        if patch_key(patches) == patch_key(self._weight_patches):
-            self._weight_patches = patches
-            return
-        for name, base in self._base_tensors.items():
-            set_unit_tensor(self, name, base.to(self.device))
-        self._base_tensors = {}
-        self._weight_patches = patches
-        for prefix, module, skip in self.weight_units():
-            tensors = unit_tensors(module, skip)
-            for name, value in patch_unit(patches, prefix, tensors).items():
-                if value is not tensors[name]:
-                    self._base_tensors[prefix + name] = tensors[name]
-                    set_unit_tensor(module, name, value)
+        The base tensors are never modified: a patched entry's base is kept as a host copy and
+        the device holds only the patched tensor (one device copy per weight); swapped blocks
+        are patched at each upload. Setting patches with the same `key` as the current ones
+        does nothing."""
+        self.placement.set_patches(patches)
+
+    def enable_block_swap(self, blocks_to_swap: Union[int, str], *, device: Union[str, torch.device],
+                          prefetch: int = 1, host_memory: str = "auto", latent_shape: Optional[Sequence[int]] = None,
+                          free_memory: Optional[int] = None, place: bool = True) -> int:
+        """Keep the last `blocks_to_swap` blocks in host memory and copy each to `device` for its
+        turn in every forward pass, `prefetch` blocks ahead on a side stream; returns the number
+        swapped. Outputs are bit-identical to the resident model's.
+
+        `blocks_to_swap`: 0..num_layers, or "auto": the fewest that fit `free_memory` bytes
+        (default: what the device has free, plus what this model holds there) for a forward over
+        `latent_shape` [B, C, F, H, W] (default: the task's default size and frames), with the
+        margin of `wan_core.offload.budget`. `host_memory`: "pinned" (the swapped blocks copied
+        once into page-locked RAM: fastest), "staged" (they stay memory-mapped / in ordinary RAM
+        and stream through a ring of page-locked buffers) or "auto" (pinned when RAM allows).
+        The model is placed on `device` now, or with `place=False` when it is next moved there.
+        On a CPU device nothing is swapped (the weights already live in host memory): returns 0.
+        """
+        from wan_core.offload import enable_block_swap
+
+        return enable_block_swap(self, blocks_to_swap, device=device, prefetch=prefetch, host_memory=host_memory,
+                                 latent_shape=latent_shape, free_memory=free_memory, place=place)
+
+    def disable_block_swap(self) -> None:
+        """Stop swapping: every block is placed where the rest of the model is."""
+        self.placement.disable_swap()
+
+    def release_host_weights(self) -> bool:
+        """Give back the host RAM of the weights this model's checkpoint file can provide again
+        (they are mapped from the file when next needed: forward, .to(), state_dict(); until
+        then released parameters are meta-device placeholders; weights on a GPU stay). Returns
+        False for a model not loaded from a file."""
+        return self.placement.release_host()
+
+    def state_dict(self, *args, **kwargs):
+        if self.placement.released:
+            self.placement.remap()
+        return super().state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Device moves (.to, .cuda, .cpu, also from a parent module) go through the placement:
+        # the live weights are derived from the host copy, which is never copied back.
+        probe = torch.empty(0, dtype=self.dtype, device=self.device if self.device.type != "meta" else "cpu")
+        moved = fn(probe)
+        if moved.dtype == probe.dtype and self.device.type != "meta":
+            self.placement.move(moved.device)
+            return self
+        self.placement.forget()
+        return super()._apply(fn, recurse)
 
     def compile_blocks(self, **options) -> None:
         """Compile each transformer block with torch.compile (regional compilation: the 40
@@ -272,7 +381,7 @@ class WanDiT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.patch_embedding.weight.device
+        return self.placement.current_device()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: Context, *,
                 y: Optional[torch.Tensor] = None, ref_latent: Optional[torch.Tensor] = None,
@@ -293,6 +402,7 @@ class WanDiT(nn.Module):
         None (the first clip: no motion tokens), pose_latent [B, 16, F, H, W] or None (no pose).
         """
         config = self.config
+        self.placement.prepare()
         s2v = None
         if config.model_type == "s2v":
             from wan_core.dit.s2v import S2VForward
@@ -332,7 +442,7 @@ class WanDiT(nn.Module):
         if split is not None:
             rope = split.split_rope(rope)  # the shard's true positions
         backend = resolve_backend(self.attention_backend, x.device, self.dtype)  # outside compiled blocks
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(self.placement.blocks_in_turn(self.blocks)):
             tokens = block(tokens, time_mod, context, rope, backend, segments)
             if s2v is not None:
                 tokens = s2v.after_block(index, tokens, backend)

@@ -50,11 +50,16 @@ def unit_tensors(module: nn.Module, skip: str = "") -> dict[str, torch.Tensor]:
 
 
 def set_unit_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Point parameter or buffer `name` of `module` at `value` (no copy)."""
+    """Point parameter or buffer `name` of `module` at `value` (no copy). A parameter keeps its
+    identity where the tensor types allow (compiled code and hooks keep referring to it)."""
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        param = owner._parameters[attr]
+        if param is not None and torch._has_compatible_shallow_copy_type(param, value):
+            param.data = value
+        else:
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
     elif attr in owner._buffers:
         owner._buffers[attr] = value
     else:

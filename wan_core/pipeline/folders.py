@@ -37,6 +37,18 @@ class TaskModels:
         for expert in _expert_list(self.experts):
             expert.compile_blocks()
 
+    def enable_block_swap(self, blocks_to_swap: Union[int, str], *, size: tuple[int, int], frame_num: int,
+                          prefetch: int = 1) -> list[int]:
+        """Swap blocks of every expert to `self.device` (`WanDiT.enable_block_swap`); "auto"
+        plans each for a video of `size` (width, height) and `frame_num` frames, with what the
+        device has free when it is planned. Returns the number swapped per expert."""
+        from wan_core.pipeline.request import latent_shape
+
+        shape = latent_shape(self.task, size, frame_num)
+        return [expert.enable_block_swap(blocks_to_swap, device=self.device, prefetch=prefetch, latent_shape=shape,
+                                         place=not self.offload_model)
+                for expert in _expert_list(self.experts)]
+
     def generate(self, **request) -> torch.Tensor:
         if self.audio_encoder is not None:
             request.setdefault("audio_encoder", self.audio_encoder)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from wan_core.offload import release_host_weights
 from wan_core.sampling.schedule import (check_boundary, check_denoise, check_solver, check_steps,
                                         runs_high_noise_expert, schedule)
 from wan_core.sampling.guidance import scales_by_expert
@@ -106,8 +107,12 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
             else:
                 index = 0 if len(experts) == 1 or runs_high_noise_expert(t, boundary) else 1
             expert, scale = experts[index], scales[index]
-            if offload_inactive_expert and len(experts) == 2 and expert is not active:
-                _make_active(expert, experts[1 - index], x.device)
+            if len(experts) == 2 and expert is not active:
+                if offload_inactive_expert:
+                    _make_active(expert, experts[1 - index], x.device)
+                # only the expert in use keeps its weights in host RAM; the other is mapped
+                # from its file again when it next runs
+                release_host_weights(experts[1 - index])
             active = expert
 
             if first_frame is None:

@@ -179,3 +179,48 @@ def _diffusers_config_json(config: DiTConfig) -> dict:
             "freq_dim": config.freq_dim, "ffn_dim": config.ffn_dim, "num_layers": config.num_layers,
             "cross_attn_norm": config.cross_attn_norm, "qk_norm": "rms_norm_across_heads" if config.qk_norm else None,
             "eps": config.eps, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+
+
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def write_streamed_dit(path: Union[str, Path], config: DiTConfig, *, dtype: torch.dtype = torch.bfloat16,
+                       seed: int = 0) -> Path:
+    """Write a random DiT of `config` (full-size ones too) as one safetensors file in the official
+    names, one tensor at a time: the writer never holds the model, so the page cache is the only
+    copy when a reader starts. For speed the values are cut from one pool of 2^24 seeded normal
+    draws (each tensor from its own offset), scaled as `dit_state_dict` scales them."""
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype must be one of {list(_SAFETENSORS_DTYPES)}, got {dtype}")
+    shapes = {k: tuple(v.shape) for k, v in dit_state_dict(config, device="meta").items()}
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        nbytes = math.prod(shapes[name]) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randn(2 ** 24, generator=generator)
+    pools: dict[tuple[float, float], bytes] = {}  # (scale, shift) -> the scaled draws as `dtype` bytes
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for index, name in enumerate(sorted(shapes)):
+            shape = shapes[name]
+            if len(shape) >= 2 and not name.endswith("modulation"):
+                kind = (1 / math.sqrt(math.prod(shape[1:])), 0.0)
+            else:
+                kind = (0.2, 1.0 if name.split(".")[-2].startswith("norm") else 0.0)
+            if kind not in pools:
+                pools[kind] = (draws * kind[0] + kind[1]).to(dtype).view(torch.uint8).numpy().tobytes()
+            pool = pools[kind]
+            remaining, start = math.prod(shape) * dtype.itemsize, (index * 7919 * dtype.itemsize) % len(pool)
+            while remaining:
+                piece = memoryview(pool)[start:start + remaining]
+                f.write(piece)
+                remaining -= len(piece)
+                start = 0
+    return path
