@@ -156,8 +156,6 @@ class Attention(nn.Module):
 
         q, k = normed(self.q, self.norm_q, x), normed(self.k, self.norm_k, source)
         v = self.v(source).unflatten(-1, heads)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
         attend = attention if self.sequence_parallel is None else self.sequence_parallel.attention
         out = attend(q, k, v, backend).flatten(-2)
         del q, k, v  # freed before the output projection
