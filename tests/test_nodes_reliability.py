@@ -71,7 +71,7 @@ def test_loaded_models_are_named_for_the_host(models):
     model, _ = nodes_tests._load("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors")
     assert model.hosted.label == "Wan2.2 t2v-A14B DiT (wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors)"
     assert nodes_tests._vae("wan2.2_vae.safetensors").hosted.label == "Wan2.2 VAE (wan2.2_vae.safetensors)"
-    assert host._managed(torch.nn.Linear(1, 1), "Wan2.2 VAE (x)").__class__.__name__ == "Wan2.2 VAE (x)"
+    assert host._named(host._Managed, "Wan2.2 VAE (x)")(torch.nn.Linear(1, 1)).__class__.__name__ == "Wan2.2 VAE (x)"
 
 
 # --- previews ------------------------------------------------------------------------------------------------

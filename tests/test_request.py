@@ -184,11 +184,11 @@ def test_guidance_pairs_are_low_high_from_the_cli_to_the_experts():
     seen, flows = [], []
     high, low = ScaleProbe(seen, "high"), ScaleProbe(seen, "low")
     sample((high, low), torch.zeros(1, 4, 1, 2, 2), [torch.ones(2, 8)], [torch.zeros(2, 8)], steps=4, shift=1.0,
-           guide_scale=flag, boundary=0.5, solver="euler", denoised_callback=lambda s, n, x0: flows.append(-x0))
-    # euler at shift 1: timesteps 999, 749, 499, 249 -> two high-noise steps, then two low-noise ones.
-    # The first step starts at x = 0, so its x0 = -sigma * flow = -0.999 * scale.
+           guide_scale=flag, boundary=0.6, solver="euler", denoised_callback=lambda s, n, x0: flows.append(-x0))
+    # euler at shift 1: timesteps 1000, 750, 500, 250 -> two high-noise steps, then two low-noise ones.
+    # The first step starts at x = 0, so its x0 = -sigma * flow = -1 * scale.
     assert seen[::2] == ["high", "high", "low", "low"]
-    assert flows[0].mean().item() == pytest.approx(0.999 * 4.0, rel=1e-5)  # the high-noise expert's scale
+    assert flows[0].mean().item() == pytest.approx(4.0, rel=1e-5)  # the high-noise expert's scale
 
 
 # --- the cost of a request ------------------------------------------------------------------------------------
