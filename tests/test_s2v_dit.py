@@ -328,3 +328,38 @@ def test_s2v_inputs_to_another_model_are_refused():
     with pytest.raises(ValueError, match="are S2V inputs; this is a t2v model"):
         t2v(torch.zeros(1, 16, 1, 4, 4), torch.tensor([1]), [torch.zeros(3, config.text_dim)],
             ref_latent=torch.zeros(1, 16, 1, 4, 4))
+
+
+def test_segments_across_token_chunks_match_one_chunk(monkeypatch):
+    """The block's per-token work runs in chunks of CHUNK_TOKENS (block swap's activation
+    saving); a chunk boundary inside an S2V segment and one on a segment edge give the same
+    numbers as one chunk."""
+    import wan_core.dit.model as dit_model
+
+    config = tiny_dit_config("s2v")
+    block = WanBlock(config).eval()
+    torch.manual_seed(1)
+    for p in block.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(1, 20, config.dim)
+    mod = torch.randn(1, 2, 6, config.dim)
+    context = torch.randn(1, 7, config.dim)
+    rope = torch.polar(torch.ones(20, 64, dtype=torch.float64), torch.rand(20, 64, dtype=torch.float64))
+    rope = rope.to(torch.complex64)[:, None]
+    with torch.no_grad():
+        whole = block(x, mod, context, rope, "sdpa", (12, 8))
+        for chunk in (5, 12):
+            monkeypatch.setattr(dit_model, "CHUNK_TOKENS", chunk)
+            assert relative_error(block(x, mod, context, rope, "sdpa", (12, 8)), whole) <= RTOL, chunk
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_block_swap_gives_the_resident_s2v_output(pinned):
+    """S2V's extra weights live outside the blocks (the resident unit); swapping the blocks
+    changes nothing, whether their host copies are pinned or streamed."""
+    swapped = our_model()
+    resident = run(swapped)
+    swapped.placement.enable_swap(range(1, SMALL.num_layers), "cpu", prefetch=1, pinned=pinned)
+    assert torch.equal(run(swapped), resident)
+    assert torch.equal(run(swapped, motion_latent=None, pose_latent=None),
+                       run(our_model(), motion_latent=None, pose_latent=None))
