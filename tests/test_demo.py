@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from wan_core.demo import DEMO_TASKS, TINY_RUNS, detect_official_task, ensure_tiny_checkpoints, find_real_checkpoints
-from wan_core.pipeline import i2v_pixel_size, parse_size
-from wan_core.video import read_video
+from wan_core.pipeline import i2v_pixel_size, parse_size, s2v_size
+from wan_core.video import read_audio_track, read_video
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_writes_three_videos_and_says_how_to_use_real_weights(tmp_path):
+def test_demo_writes_a_video_per_task_and_says_how_to_use_real_weights(tmp_path):
     env = {**os.environ, "WAN22_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "wan_core", "demo", "--output_dir", str(tmp_path / "out")],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -30,6 +30,12 @@ def test_demo_writes_three_videos_and_says_how_to_use_real_weights(tmp_path):
         width, height = parse_size(TINY_RUNS[task].size)
         if task == "i2v-A14B":  # the demo image is 320x192: the same aspect as 160*96
             height, width = i2v_pixel_size((192, 320), (width, height), task)
+        if task == "s2v-14B":  # 0.9 s of speech: two 8-frame clips less the first clip's 3, with the sound
+            height, width = s2v_size((192, 320), width * height)
+            assert frames.shape == (2 * TINY_RUNS[task].frame_num - 3, height, width, 3)
+            sound, rate = read_audio_track(video)
+            assert sound.shape[1] == pytest.approx(frames.shape[0] / 16 * rate, abs=2048)  # whole AAC frames
+            continue
         assert frames.shape == (TINY_RUNS[task].frame_num, height, width, 3)
     cached = sorted(p.name for p in (tmp_path / "cache" / "demo").iterdir())
     assert len(cached) == 1 and not cached[0].startswith(".writing")

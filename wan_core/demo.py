@@ -2,11 +2,12 @@
 
 Without weights it writes tiny random checkpoints in the official folder layout once (cached
 under $WAN22_CACHE, default ~/.cache/comfyui-wan22, in demo/<hash of the tiny configs>/), then
-runs T2V-A14B (two experts and the hand-off), I2V-A14B and image-conditioned TI2V-5B through
-exactly the code `python -m wan_core generate` runs (it builds that command line and runs it),
-with small sizes, few frames and few steps. Random weights cannot draw a picture: the videos
-show coloured noise; what the demo proves is that the whole path (official layout loading, text
-encoding, image conditioning, sampling, VAE decoding, mp4 writing) works on this machine.
+runs T2V-A14B (two experts and the hand-off), I2V-A14B, image-conditioned TI2V-5B and S2V-14B
+(a synthetic tone as the speech, two clips) through exactly the code `python -m wan_core
+generate` runs (it builds that command line and runs it), with small sizes, few frames and few
+steps. Random weights cannot draw a picture: the videos show coloured noise; what the demo
+proves is that the whole path (official layout loading, text encoding, image and audio
+conditioning, sampling, VAE decoding, mp4 writing with the sound) works on this machine.
 
 `demo --ckpt_dir DIR` runs the same commands on real weights at the tasks' default settings,
 where DIR is one official folder (Wan2.2-T2V-A14B, ...) or a folder holding several.
@@ -33,12 +34,13 @@ from wan_core.pipeline import TOKENIZER_DIR, official_folder_name
 
 log = logging.getLogger("wan_core")
 
-DEMO_TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B")
+DEMO_TASKS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "s2v-14B")
 PROMPTS = {
     "t2v-A14B": "A red fox trots through fresh snow at dawn, its breath steaming in the cold air, "
                 "the low sun lighting the pine trees behind it.",
     "i2v-A14B": "The scene slowly comes alive: light shifts across the shapes as the camera drifts gently forward.",
     "ti2v-5B": "The colours ripple and flow like paint stirred in water, the camera circling slowly.",
+    "s2v-14B": "A person faces the camera and speaks calmly, with small natural head movements.",
 }
 
 
@@ -47,7 +49,7 @@ class TinyRun:
     """Settings for tiny random weights: small, but the A14B runs still cross the hand-off."""
 
     size: str
-    frame_num: int
+    frame_num: int  # S2V: frames per clip
     steps: int
 
 
@@ -55,7 +57,9 @@ TINY_RUNS = {
     "t2v-A14B": TinyRun(size="160*96", frame_num=9, steps=8),  # 6 high-noise steps, then 2 low-noise
     "i2v-A14B": TinyRun(size="160*96", frame_num=9, steps=8),  # 3 high-noise steps, then 5 low-noise
     "ti2v-5B": TinyRun(size="160*96", frame_num=9, steps=8),
+    "s2v-14B": TinyRun(size="128*64", frame_num=8, steps=4),  # 0.9 s of speech: two 8-frame clips
 }
+DEMO_SPEECH_SECONDS = 0.9
 DEMO_SEED = 42
 
 
@@ -154,6 +158,21 @@ def write_demo_image(path: Path, width: int = 320, height: int = 192) -> Path:
     return path
 
 
+def write_demo_speech(path: Path, seconds: float = DEMO_SPEECH_SECONDS, rate: int = 22050) -> Path:
+    """A synthetic voice-like tone (a 200 Hz buzz whose loudness moves like syllables) to speak."""
+    import soundfile
+
+    t = np.arange(int(round(seconds * rate))) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 200 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, tone.astype(np.float32), rate)
+    return path
+
+
+def needs_image(task: str) -> bool:
+    return TASKS[task].dit.model_type in ("i2v", "ti2v", "s2v")
+
+
 # --------------------------------------------------------------------------------------------
 # Real weights
 
@@ -190,14 +209,17 @@ def find_real_checkpoints(ckpt_dir: Path) -> dict[str, Path]:
 
 
 def generate_argv(task: str, ckpt_dir: Path, save_file: Path, image: Optional[Path],
-                  tiny: Optional[TinyRun], device: Optional[str]) -> list[str]:
+                  tiny: Optional[TinyRun], device: Optional[str], audio: Optional[Path] = None) -> list[str]:
     """The `python -m wan_core generate` arguments the demo runs for `task`."""
     argv = ["--task", task, "--ckpt_dir", str(ckpt_dir), "--prompt", PROMPTS[task], "--base_seed", str(DEMO_SEED),
             "--save_file", str(save_file)]
     if image is not None:
         argv += ["--image", str(image)]
+    if audio is not None:
+        argv += ["--audio", str(audio)]
     if tiny is not None:
-        argv += ["--size", tiny.size, "--frame_num", str(tiny.frame_num), "--sample_steps", str(tiny.steps),
+        length = "--infer_frames" if TASKS[task].dit.model_type == "s2v" else "--frame_num"
+        argv += ["--size", tiny.size, length, str(tiny.frame_num), "--sample_steps", str(tiny.steps),
                  "--allow_any_size"]
     else:  # real 14B experts: bf16 weights, as the reference's single-GPU recipe
         argv.append("--convert_model_dtype")
@@ -220,14 +242,15 @@ def run_demo(args: argparse.Namespace) -> list[Path]:
     real = args.ckpt_dir is not None
     folders = find_real_checkpoints(Path(args.ckpt_dir)) if real else ensure_tiny_checkpoints(args.cache_dir)
     image = write_demo_image(output_dir / "demo_input.png")
+    speech = write_demo_speech(output_dir / "demo_speech.wav")
 
     generate_parser = argparse.ArgumentParser(prog="python -m wan_core generate")
     add_generate_arguments(generate_parser)
     written, commands = [], []
     for task, folder in folders.items():
-        needs_image = TASKS[task].dit.model_type in ("i2v", "ti2v")
-        argv = generate_argv(task, folder, output_dir / f"demo_{task}.mp4", image if needs_image else None,
-                             None if real else TINY_RUNS[task], args.device)
+        speaks = TASKS[task].dit.model_type == "s2v"
+        argv = generate_argv(task, folder, output_dir / f"demo_{task}.mp4", image if needs_image(task) else None,
+                             None if real else TINY_RUNS[task], args.device, speech if speaks else None)
         log.info("running: %s", _command(argv))
         written.append(run_generate(generate_parser.parse_args(argv)))
         commands.append((task, argv))
@@ -237,7 +260,7 @@ def run_demo(args: argparse.Namespace) -> list[Path]:
     for path in written:
         frames, fps = read_video(path)
         print(f"  {path}  ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, {fps:g} fps)")
-    print(f"  (input image for image-to-video: {image})")
+    print(f"  (input image for image- and speech-to-video: {image}; speech: {speech})")
     if real:
         return written
     print("\nThese used tiny random weights, which cannot make a real picture (expect coloured noise); they\n"
@@ -246,8 +269,10 @@ def run_demo(args: argparse.Namespace) -> list[Path]:
     for task, _ in commands:
         example = ["--task", task, "--ckpt_dir", f"/path/{official_folder_name(task)}", "--convert_model_dtype",
                    "--prompt", PROMPTS[task]]
-        if TASKS[task].dit.model_type in ("i2v", "ti2v"):
+        if needs_image(task):
             example += ["--image", "your_image.jpg"]
+        if TASKS[task].dit.model_type == "s2v":
+            example += ["--audio", "your_speech.wav"]
         print(f"  {_command(example)} --save_file {task}.mp4\n")
     print("or run this demo on them: python -m wan_core demo --ckpt_dir /path/holding/the/Wan2.2-folders")
     return written
