@@ -80,6 +80,27 @@ def random_tensor(name: str, meta: torch.Tensor, generator: torch.Generator, dty
     return value * 0.2 + (1 if gain else 0)
 
 
+def random_expert(config, device: torch.device, *, fp8: bool = False) -> WanDiT:
+    """A DiT with random weights made on `device` (bf16, or fp8-kept block linears with
+    per-tensor scales), as load_dit would hold it."""
+    with torch.device("meta"):
+        model = WanDiT(config)
+    if fp8:
+        convert_linears_to_fp8(model.blocks, fp8_dtype=torch.float8_e4m3fn, bias_dtype=torch.bfloat16)
+    generator = torch.Generator(device).manual_seed(0)
+    tensors = {}
+    for name, meta in model.state_dict().items():
+        if name.endswith(".weight_scale"):
+            continue
+        value = random_tensor(name, meta, generator, torch.bfloat16)
+        if meta.dtype == torch.float8_e4m3fn:
+            tensors[name], tensors[name + "_scale"] = quantize_fp8(value)
+        else:
+            tensors[name] = value
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -214,26 +235,9 @@ class Bench:
     # --- 4: the DiT ----------------------------------------------------------------------------
 
     def expert(self, dtype: str) -> WanDiT:
-        """A T2V-A14B expert with random weights made on the device (bf16, or fp8-kept block
-        linears with per-tensor scales), as load_dit would hold it."""
         config = T2V_A14B_DIT if self.cuda else T2V_A14B_DIT.tiny(dim=256, num_heads=2, ffn_dim=384, text_dim=4096,
                                                                    freq_dim=256, num_layers=40)
-        with torch.device("meta"):
-            model = WanDiT(config)
-        if dtype == "fp8":
-            convert_linears_to_fp8(model.blocks, fp8_dtype=torch.float8_e4m3fn, bias_dtype=torch.bfloat16)
-        generator = torch.Generator(self.device).manual_seed(0)
-        tensors = {}
-        for name, meta in model.state_dict().items():
-            if name.endswith(".weight_scale"):
-                continue
-            value = random_tensor(name, meta, generator, torch.bfloat16)
-            if meta.dtype == torch.float8_e4m3fn:
-                tensors[name], tensors[name + "_scale"] = quantize_fp8(value)
-            else:
-                tensors[name] = value
-        model.load_state_dict(tensors, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
+        return random_expert(config, self.device, fp8=dtype == "fp8")
 
     def inputs(self, size: str) -> dict:
         height, width = SIZES[size] if self.cuda else (32, 48)

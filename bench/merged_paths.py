@@ -34,12 +34,12 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from attention_kernels import twin_check  # noqa: E402
-from block_swap import random_tensor  # noqa: E402
+from block_swap import random_expert  # noqa: E402
 
 from wan_core.configs import T2V_A14B_DIT  # noqa: E402
 from wan_core.dit import WanDiT  # noqa: E402
 from wan_core.ops.attention import auto_reason, resolve_backend  # noqa: E402
-from wan_core.ops.linear import convert_linears_to_fp8, enable_fp8_matmul, quantize_fp8  # noqa: E402
+from wan_core.ops.linear import enable_fp8_matmul  # noqa: E402
 
 GIB = 2 ** 30
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
@@ -48,21 +48,7 @@ SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 def expert(fast: bool, device: torch.device, config=T2V_A14B_DIT) -> WanDiT:
     """A T2V-A14B expert with the same random weights either way: bf16, or its block linears
     quantised to e4m3 with per-tensor scales and multiplied in fp8 (`fp8_e4m3fn_fast`)."""
-    with torch.device("meta"):
-        model = WanDiT(config)
-    if fast:
-        convert_linears_to_fp8(model.blocks, fp8_dtype=torch.float8_e4m3fn, bias_dtype=torch.bfloat16)
-    generator = torch.Generator(device).manual_seed(0)
-    tensors = {}
-    for name, meta in model.state_dict().items():
-        if name.endswith(".weight_scale"):
-            continue
-        value = random_tensor(name, meta, generator, torch.bfloat16)
-        if meta.dtype == torch.float8_e4m3fn:
-            tensors[name], tensors[name + "_scale"] = quantize_fp8(value)
-        else:
-            tensors[name] = value
-    model.load_state_dict(tensors, strict=True, assign=True)
+    model = random_expert(config, device, fp8=fast)
     if fast:
         enable_fp8_matmul(model.blocks)
         model.set_attention_backend("auto")
@@ -70,7 +56,7 @@ def expert(fast: bool, device: torch.device, config=T2V_A14B_DIT) -> WanDiT:
             model.compile_blocks()
     else:
         model.set_attention_backend("sdpa")
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def inputs(size: str, device: torch.device, config=T2V_A14B_DIT) -> tuple:

@@ -258,19 +258,25 @@ def test_the_assembled_sequence(model):
     assert not torch.allclose(time_mod, zero_mod)
 
 
-def test_segmented_modulation_is_the_per_token_one():
-    """The block's per-segment modulation equals the per-token form (the TI2V path) with each
-    token given its segment's vector."""
-    config = tiny_dit_config("s2v")
+def random_block_and_inputs(config, seed: int) -> tuple:
+    """A block with random weights and its inputs for 20 tokens: x, a two-row modulation (S2V's
+    segments), text context and RoPE rotations."""
     block = WanBlock(config).eval()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     for p in block.parameters():
         p.data.normal_(0, 0.2)
     x = torch.randn(1, 20, config.dim)
     mod = torch.randn(1, 2, 6, config.dim)
     context = torch.randn(1, 7, config.dim)
     rope = torch.polar(torch.ones(20, 64, dtype=torch.float64), torch.rand(20, 64, dtype=torch.float64))
-    rope = rope.to(torch.complex64)[:, None]
+    return block, x, mod, context, rope.to(torch.complex64)[:, None]
+
+
+def test_segmented_modulation_is_the_per_token_one():
+    """The block's per-segment modulation equals the per-token form (the TI2V path) with each
+    token given its segment's vector."""
+    config = tiny_dit_config("s2v")
+    block, x, mod, context, rope = random_block_and_inputs(config, seed=0)
     per_token = torch.cat([mod[:, :1].expand(1, 12, 6, -1), mod[:, 1:].expand(1, 8, 6, -1)], dim=1)
     with torch.no_grad():
         assert relative_error(block(x, mod, context, rope, "sdpa", (12, 8)),
@@ -336,16 +342,7 @@ def test_segments_across_token_chunks_match_one_chunk(monkeypatch):
     numbers as one chunk."""
     import wan_core.dit.model as dit_model
 
-    config = tiny_dit_config("s2v")
-    block = WanBlock(config).eval()
-    torch.manual_seed(1)
-    for p in block.parameters():
-        p.data.normal_(0, 0.2)
-    x = torch.randn(1, 20, config.dim)
-    mod = torch.randn(1, 2, 6, config.dim)
-    context = torch.randn(1, 7, config.dim)
-    rope = torch.polar(torch.ones(20, 64, dtype=torch.float64), torch.rand(20, 64, dtype=torch.float64))
-    rope = rope.to(torch.complex64)[:, None]
+    block, x, mod, context, rope = random_block_and_inputs(tiny_dit_config("s2v"), seed=1)
     with torch.no_grad():
         whole = block(x, mod, context, rope, "sdpa", (12, 8))
         for chunk in (5, 12):
