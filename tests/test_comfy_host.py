@@ -416,7 +416,9 @@ def _server_workers(server: Server) -> list[int]:
 
 def test_multi_gpu_node_samples_on_persistent_workers_that_unload_stops(server, object_info):
     """Wan2.2 Multi-GPU with two CPU workers (gloo): prompts run on the same two processes, an
-    interrupt stops the workers and leaves them up, "Unload models" ends them."""
+    interrupt stops the workers and leaves them up, "Unload models" ends them, and the server
+    runs prompts after that (ComfyUI's prompt worker unloads the claim while it walks its list
+    of loaded models: the claim must not take itself off that list)."""
     websocket = pytest.importorskip("websocket", reason="needs websocket-client to watch the progress")
 
     def on_workers(**overrides) -> tuple[dict, str]:
@@ -458,6 +460,8 @@ def test_multi_gpu_node_samples_on_persistent_workers_that_unload_stops(server, 
     while _server_workers(server) and time.monotonic() < deadline:
         time.sleep(0.5)  # the prompt worker applies the request between prompts
     assert _server_workers(server) == []
+    follow_up = server.wait(server.queue(_api_prompt("t2v_A14B.json", object_info, seed=94)), timeout=120)
+    assert follow_up["status"]["status_str"] == "success", json.dumps(follow_up["status"], indent=1)[:4000]
 
 
 # Runs in ComfyUI's Python (which has playwright): opens the editor in one node rendering
