@@ -398,7 +398,7 @@ def test_workflow_has_a_thumbnail_for_the_template_browser(name):
     from PIL import Image
 
     thumbnail = WORKFLOW_DIR / (name.removesuffix(".json") + THUMBNAIL_SUFFIX)
-    assert thumbnail.is_file(), f"{name}: no {thumbnail.name} beside it"
+    assert thumbnail.is_file(), f"{name}: no {thumbnail.name} beside it (tools/draw_thumbnails.py draws one)"
     with Image.open(thumbnail) as picture:
         assert picture.format == "JPEG" and min(picture.size) >= 256, (name, picture.format, picture.size)
 
