@@ -244,7 +244,7 @@ def test_audio_for_video_cut_and_lead():
     (dict(size=(32, 32)), "at least one 64x64 block"),
     (dict(size=(640, 480), allow_any_size=False), "not one of s2v-14B's areas"),
     (dict(guide_scale=(4.0, 5.0)), "takes one guide_scale number"),
-    (dict(frame_num=81), "frame_num, boundary and output do not apply"),
+    (dict(frame_num=81), "frame_num, boundary, output and request do not apply"),
     (dict(audio_encoder=None), "needs audio_encoder="),
 ])
 def test_bad_requests_get_clear_errors(models, inputs, changes, message):
