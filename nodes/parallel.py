@@ -103,7 +103,18 @@ class _Workers:
             return self.group
 
     def release(self) -> None:
-        """ComfyUI frees memory: stop the workers (they start again on the next multi-GPU run)."""
+        """ComfyUI frees memory: stop the workers (they start again on the next multi-GPU run).
+        ComfyUI calls this while it walks its list of loaded models and takes the claim off that
+        list itself afterwards. The claim is kept until the next group replaces it: dropping it,
+        or letting it be garbage collected (ComfyUI holds it weakly and forgets collected
+        models), would shift that list under ComfyUI's walk and end its prompt worker."""
+        with self.lock:
+            if self.group is not None:
+                self.group.close()
+            self.group = None
+
+    def stop(self) -> None:
+        """Stop the workers and withdraw the claim (the group failed)."""
         with self.lock:
             self._stop()
 
@@ -142,7 +153,7 @@ def sample_on_workers(parallel: dict, models: list, sample_kwargs: dict):
         host.check_interrupt()  # ComfyUI's own interrupt exception, which it expects
         raise
     except WorkerGroupError:
-        workers.release()
+        workers.stop()
         raise
 
 

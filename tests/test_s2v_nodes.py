@@ -125,7 +125,7 @@ def test_speech_to_video_node_bad_inputs(loaded):
 def test_audio_encoder_loader_caches_and_explains_missing_files(loaded):
     again = nodes["W22AudioEncoderLoader"]().load(AUDIO_FILE, "fp32", "cpu")[0]
     assert again is loaded["audio_encoder"] and loaded["audio_encoder"].model.dtype == torch.float32
-    with pytest.raises(FileNotFoundError, match="not found in models/audio_encoders"):
+    with pytest.raises(FileNotFoundError, match="not found in models/audio_encoders; put the file there"):
         nodes["W22AudioEncoderLoader"]().load("absent.safetensors", "fp32", "cpu")
     with pytest.raises(ValueError, match="device='gpu' is not one of"):
         nodes["W22AudioEncoderLoader"]().load(AUDIO_FILE, "fp32", "gpu")

@@ -398,7 +398,7 @@ def test_workflow_has_a_thumbnail_for_the_template_browser(name):
     from PIL import Image
 
     thumbnail = WORKFLOW_DIR / (name.removesuffix(".json") + THUMBNAIL_SUFFIX)
-    assert thumbnail.is_file(), f"{name}: no {thumbnail.name} beside it"
+    assert thumbnail.is_file(), f"{name}: no {thumbnail.name} beside it (tools/draw_thumbnails.py draws one)"
     with Image.open(thumbnail) as picture:
         assert picture.format == "JPEG" and min(picture.size) >= 256, (name, picture.format, picture.size)
 
@@ -434,6 +434,16 @@ def test_every_model_file_has_its_download_in_properties_models(name):
             assert model["url"].endswith(f"/{model['directory']}/{file}"), model
             known = [kind for kind, names in REPACKAGED.items() if file in names]
             assert known in ([], [model["directory"]]), (file, model["directory"], known)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_the_video_latent_takes_the_decoders_vae(name, node_inputs):
+    """With the VAE linked, Video Latent refuses a VAE its model cannot use before sampling
+    (not at decode); it must be the VAE the decoder uses."""
+    prompt = ui_to_api(load_workflow(name), node_inputs)
+    vae = _node(prompt, "W22VideoLatent")["inputs"].get("vae")
+    assert vae is not None, f"{name}: the VAE is not connected to the Video Latent node"
+    assert prompt[vae[0]]["class_type"] == "W22VAELoader" and vae == _node(prompt, "W22Decode")["inputs"]["vae"]
 
 
 def test_the_converter_follows_dynamic_combos_and_fills_new_widgets_with_defaults():
