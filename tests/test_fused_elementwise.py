@@ -95,3 +95,22 @@ def test_models_with_the_kernels_keep_the_exact_paths_accuracy(kernel_results, v
         assert calls == {"norm_modulate": 3 * LAYERS * CHUNKS, "rms_norm_rope": 2 * LAYERS * CHUNKS}
     assert result["fused_vs_fp32"] <= 1.25 * result["exact_bf16_vs_fp32"]
     assert result["fused_vs_exact_bf16"] <= 1e-2  # bf16 noise, nothing systematic
+
+
+def test_residual_stream_is_token_major():
+    """The blocks get (and return) [B, L, D] with contiguous rows in bf16 models too: the patch
+    embedding's transposed view, upcast as it is, would leave every block's residual stream
+    channel-major and keep the kernels (which need contiguous rows) from running."""
+    from wan_core.dit import WanDiT
+    from wan_core.testing import dit_state_dict, tiny_dit_config
+
+    config = tiny_dit_config("t2v")
+    model = WanDiT(config)
+    model.load_state_dict(dit_state_dict(config, seed=3))
+    model = model.to(torch.bfloat16).eval()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0].is_contiguous(), out.is_contiguous())))
+    with torch.no_grad():
+        model(torch.randn(1, 16, 3, 4, 6).bfloat16(), torch.tensor([500.0]), [torch.randn(7, config.text_dim).bfloat16()])
+    assert seen == [(True, True)] * config.num_layers

@@ -432,7 +432,9 @@ class WanDiT(nn.Module):
         segments = None
         if s2v is not None:
             tokens, angles, time_mod, segments = s2v.extend(tokens, angles, time_mod, t)
-        tokens = tokens.float()
+        # token-major [B, L, D] rows: the patch embedding's transposed view would make every
+        # block's elementwise pass and residual stream channel-major (strided, uncoalesced on GPUs)
+        tokens = tokens.to(torch.float32, memory_format=torch.contiguous_format)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
         if split is not None:
             rope = split.split_rope(rope)  # the shard's true positions
