@@ -5,7 +5,6 @@ on the CPU, alone and inside tiny bf16 models. Prints one JSON line per case: it
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -17,6 +16,7 @@ from wan_core.dit.model import LayerNorm, rope_angles
 from wan_core.ops import fused
 from wan_core.ops.kernels import fused_elementwise as kernels
 from wan_core.testing import dit_state_dict, tiny_dit_config
+from wan_core.testing.compare import bf16_agreement, max_relative_error as relative
 
 EPS = 1e-6
 BF16 = torch.bfloat16
@@ -34,29 +34,6 @@ def _counted(name):
 
 for _name in calls:
     setattr(kernels, _name, _counted(_name))
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def bf16_agreement(got: torch.Tensor, want: torch.Tensor) -> dict:
-    """How far bf16 `got` is from bf16 `want`: the largest difference in units of `want`'s last
-    place (values below 2^-20 of the largest count as that size) and the fraction that differ."""
-    got, want = got.double(), want.double()
-    _, exponent = torch.frexp(want.abs().clamp(min=want.abs().max().item() * 2 ** -20))
-    ulp = torch.ldexp(torch.ones_like(want), exponent - 8)  # bf16 keeps 8 significant bits
-    return {"max_ulps": ((got - want).abs() / ulp).max().item(), "mismatch": (got != want).double().mean().item()}
-
-
-@contextmanager
-def exact():
-    kinds = fused.fused_kinds()
-    fused.set_fused(())
-    try:
-        yield
-    finally:
-        fused.set_fused(kinds)
 
 
 def norm_cases(generator: torch.Generator) -> dict:
@@ -78,15 +55,15 @@ def norm_cases(generator: torch.Generator) -> dict:
         want = fused.modulate(F.layer_norm(x, (dim,), eps=EPS), shift, scale)
         results[f"modulate_{name}_fp32"] = relative(kernels.norm_modulate(x, None, None, EPS, shift, scale,
                                                                           torch.float32), want)
-        with exact():
+        with fused.only_fused(()):
             want = fused.norm_modulate(x, shift, scale, norm=plain, dtype=BF16)
         results[f"modulate_{name}_bf16"] = bf16_agreement(fused.norm_modulate(x, shift, scale, norm=plain, dtype=BF16), want)
-    with exact():
+    with fused.only_fused(()):
         want = fused.norm_modulate(x, None, None, norm=affine, dtype=BF16)
     results["affine_bf16"] = bf16_agreement(fused.norm_modulate(x, None, None, norm=affine, dtype=BF16), want)
 
     # the self-attention's gated residual into norm3, into a new tensor
-    with exact():
+    with fused.only_fused(()):
         want_sum = torch.empty_like(x)
         want = fused.residual_norm_modulate(want_sum, x, y, gate, None, None, norm=affine, dtype=BF16)
     got_sum = torch.full_like(x, float("nan"))
@@ -94,7 +71,7 @@ def norm_cases(generator: torch.Generator) -> dict:
     results["gated_residual_sum"], results["gated_residual_bf16"] = relative(got_sum, want_sum), bf16_agreement(got, want)
     # the cross-attention's residual into norm2 + modulation, in place
     shift, scale = broadcast
-    with exact():
+    with fused.only_fused(()):
         want_sum = x.clone()
         want = fused.residual_norm_modulate(want_sum, want_sum, y, None, shift, scale, norm=plain, dtype=BF16)
     got_sum = x.clone()
@@ -118,7 +95,7 @@ def rope_cases(generator: torch.Generator) -> dict:
     # bf16: the kernel rounds once; the exact path also rounds the normalised y to bf16 before RoPE
     y, weight = y.to(BF16), weight.to(BF16)
     truth = fused.apply_rope(F.rms_norm(y.float(), weight.shape, weight.float(), EPS).unflatten(-1, (heads, -1)), rotation)
-    with exact():
+    with fused.only_fused(()):
         plain = fused.rms_norm_rope(y, weight, EPS, rotation, heads)
     got = fused.rms_norm_rope(y, weight, EPS, rotation, heads)
     truth = truth.to(BF16)
@@ -157,7 +134,7 @@ def model_case(variant: str) -> dict:
     before = dict(calls)
     with torch.no_grad():
         truth = fp32(x, t, context, **extra)
-        with exact():
+        with fused.only_fused(()):
             plain = bf16(x.to(BF16), t, [c.to(BF16) for c in context], **{k: v.to(BF16) for k, v in extra.items()})
         ran = {name: calls[name] - before[name] for name in calls}
         got = bf16(x.to(BF16), t, [c.to(BF16) for c in context], **{k: v.to(BF16) for k, v in extra.items()})

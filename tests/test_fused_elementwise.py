@@ -114,3 +114,20 @@ def test_residual_stream_is_token_major():
     with torch.no_grad():
         model(torch.randn(1, 16, 3, 4, 6).bfloat16(), torch.tensor([500.0]), [torch.randn(7, config.text_dim).bfloat16()])
     assert seen == [(True, True)] * config.num_layers
+
+
+def test_forward_with_gradients_on_gives_the_same_numbers():
+    """The residuals are written into the block's output tensor (out=, one pass); autograd
+    records no out= ops, so with gradients on (weights that require them, no torch.no_grad)
+    they take the in-place route: the forward still runs, with the same output."""
+    from wan_core.dit import WanDiT
+    from wan_core.testing import dit_state_dict, tiny_dit_config
+
+    config = tiny_dit_config("t2v")
+    model = WanDiT(config)
+    model.load_state_dict(dit_state_dict(config, seed=8))
+    x, context = torch.randn(1, 16, 3, 4, 6), [torch.randn(7, config.text_dim)]
+    with torch.no_grad():
+        expected = model(x, torch.tensor([300.0]), context)
+    out = model(x, torch.tensor([300.0]), context)
+    assert out.requires_grad and torch.equal(out.detach(), expected)

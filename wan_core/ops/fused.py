@@ -9,13 +9,15 @@ keeps the float32 arithmetic and rounds once at the end, where the exact path ma
 the normalised q/k to bf16 before RoPE; tests compare the two. Compiled blocks (torch.compile)
 always take the torch path, which inductor fuses itself.
 
-`set_fused` chooses which kinds may use their kernel ("norm", "rope", "residual").
+`set_fused` (or `only_fused` for a block of code) chooses which kinds may use their kernel
+("norm", "rope", "residual").
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -41,6 +43,17 @@ def set_fused(kinds: Iterable[str]) -> None:
 def fused_kinds() -> tuple[str, ...]:
     """The kinds whose kernels may run (`set_fused`)."""
     return tuple(kind for kind in KINDS if kind in _enabled)
+
+
+@contextmanager
+def only_fused(kinds: Iterable[str]) -> Iterator[None]:
+    """`set_fused(kinds)` inside the block, the previous kinds again after it."""
+    before = fused_kinds()
+    set_fused(kinds)
+    try:
+        yield
+    finally:
+        set_fused(before)
 
 
 def applies(kind: str, x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -92,11 +105,21 @@ def residual_norm_modulate(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, 
         from wan_core.ops.kernels.fused_elementwise import norm_modulate as kernel
 
         return kernel(x, norm.weight, norm.bias, norm.eps, shift, scale, dtype, residual=y, gate=gate, sum_out=out)
-    if gate is None:
+    _sum_into(out, x, y, gate)
+    return norm_modulate(out, shift, scale, norm=norm, dtype=dtype)
+
+
+def _sum_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor]) -> None:
+    """out = x + y * gate (x + y without a gate) in one pass. Autograd cannot record ops with
+    out=, so where gradients are wanted it takes two in-place passes (the same numbers)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, gate)):
+        if out is not x:
+            out.copy_(x)
+        out.add_(y) if gate is None else out.addcmul_(y, gate)
+    elif gate is None:
         torch.add(x, y, out=out)
     else:
         torch.addcmul(x, y, gate, out=out)
-    return norm_modulate(out, shift, scale, norm=norm, dtype=dtype)
 
 
 def rms_norm_rope(y: torch.Tensor, weight: torch.Tensor, eps: float, rotation: torch.Tensor,
