@@ -1,9 +1,12 @@
 """Full-size DiT forward speed of every path, in one GPU process, against diffusers on the same weights.
 
-For each shape: diffusers' WanTransformer3DModel (bf16, eager), ours bf16 eager, ours bf16 with
-compile_blocks(), and ours fast: the same weights loaded through `load_dit(...,
-quant="fp8_e4m3fn_fast")` (e4m3 block weights, fp8 matmuls except in the first and last block)
-with attention="auto" (the 8-bit kernel where it passes its probe), compiled. Each gets its
+For each shape: diffusers' WanTransformer3DModel (bf16, eager), ComfyUI's own WanModel (bf16,
+eager; with --comfyui, the folder holding ComfyUI's comfy/ package), ours bf16 eager (exact
+elementwise path), ours bf16 eager with the fused elementwise kernels (all of
+`wan_core.ops.fused`'s kinds, and all but "residual"), ours bf16 with compile_blocks(), and ours
+fast: the same weights loaded through `load_dit(..., quant="fp8_e4m3fn_fast")` (e4m3 block
+weights, fp8 matmuls except in the first and last block) with attention="auto" (the 8-bit
+kernel where it passes its probe), compiled. All share one copy of the weights. Each gets its
 median seconds per forward, the ratio to diffusers, TFLOP/s against the bf16 and the fp8 matrix
 rates measured in this run, the activation peak above the weights, and (fast path) the output's
 cosine and relative L2 against ours bf16 eager. Then, with --e2e, a 4-step sampling run of the
@@ -11,7 +14,10 @@ fast path and of bf16 from the same noise, both decoded by a random-weight Wan2.
 latents' relative L2 and the decoded videos' PSNR.
 
     python bench/dit_speed.py [--shapes t2v:832x480x81 t2v:1280x720x81 ti2v:1280x704x121]
-        [--repeats 2] [--e2e] [--json FILE]
+        [--variants ...] [--comfyui PATH] [--layers N] [--repeats 2] [--e2e] [--json FILE]
+        [--budget-s S] [--dry-run]
+
+--dry-run runs a tiny model on the CPU (checks the script; timings mean nothing there).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import argparse
 import gc
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +39,7 @@ from bench.dit_vs_diffusers import forward_flops, matmul_rate, timed  # noqa: E4
 from wan_core.configs import task_for_model_type  # noqa: E402
 from wan_core.dit import WanDiT  # noqa: E402
 from wan_core.loading import load_dit, to_layout  # noqa: E402
+from wan_core.ops import fused  # noqa: E402
 from wan_core.ops.attention import auto_reason, resolve_backend  # noqa: E402
 
 
@@ -44,6 +52,29 @@ def fp8_matmul_rate(device: torch.device, size: int = 8192, repeats: int = 10) -
     median, _ = timed(run, 3)
     median, _ = timed(run, repeats)
     return 2 * size ** 3 / median
+
+
+def allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def timed_on(device, fn, repeats: int) -> tuple[float, list[float]]:
+    """(median, all) seconds of `fn` over `repeats` calls: CUDA events on a GPU, the clock on a CPU."""
+    if device.type == "cuda":
+        return timed(fn, repeats)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def with_kinds(model, kinds):
+    def run(x, t, context):
+        with fused.only_fused(kinds):
+            return model(x, t, context)
+    return run
 
 
 def random_model(config, device) -> WanDiT:
@@ -96,22 +127,35 @@ def bench_family(variant: str, shapes, args, device, rates, on_row=None) -> list
     config = task.dit if args.layers is None else task.dit.tiny(
         dim=task.dit.dim, ffn_dim=task.dit.ffn_dim, freq_dim=task.dit.freq_dim, text_dim=task.dit.text_dim,
         num_heads=task.dit.num_heads, num_layers=args.layers)
+    if args.dry_run:
+        config = task.dit.tiny(dim=256, num_heads=2, ffn_dim=384, text_dim=64, freq_dim=16, num_layers=2)
     ours = random_model(config, device)
     ours.set_attention_backend("sdpa")
-    weights_gib = torch.cuda.memory_allocated(device) / 2**30
-    theirs = diffusers_twin(ours, device)
-    with torch.device("meta"):
-        compiled = WanDiT(config)
-    compiled.load_state_dict(ours.state_dict(), assign=True)
-    compiled.eval().set_attention_backend("sdpa")
-    compiled.compile_blocks()
-    fast = load_dit(ours.state_dict(), dtype=torch.bfloat16, device=device, quant="fp8_e4m3fn_fast")
-    fast.set_attention_backend("auto")
-    fast.compile_blocks()
+    weights_gib = allocated(device) / 2**30
+    runs = {"ours_eager": with_kinds(ours, ()), "ours_eager_fused": with_kinds(ours, fused.KINDS),
+            "ours_eager_fused_no_residual": with_kinds(ours, [k for k in fused.KINDS if k != "residual"])}
+    if "comfyui" in args.variants:
+        from wan_core.testing.comfy_model import comfyui_forward, comfyui_wan_model
+
+        comfy_model = comfyui_wan_model(args.comfyui, config, ours.state_dict())
+        runs["comfyui"] = lambda x, t, c: comfyui_forward(comfy_model, x, t, c)
+    if "diffusers" in args.variants:
+        theirs = diffusers_twin(ours, device)
+        runs["diffusers"] = lambda x, t, c: theirs(x, t, c, return_dict=False)[0]
+    if "ours_compiled" in args.variants:
+        with torch.device("meta"):
+            compiled = WanDiT(config)
+        compiled.load_state_dict(ours.state_dict(), assign=True)
+        compiled.eval().set_attention_backend("sdpa")
+        compiled.compile_blocks()
+        runs["ours_compiled"] = compiled
     fast_backend = resolve_backend("auto", device, torch.bfloat16)
-    runs = {"diffusers": lambda x, t, c: theirs(x, t, c, return_dict=False)[0], "ours_eager": ours,
-            "ours_compiled": compiled, "ours_fast_compiled": fast}
-    runs = {name: run for name, run in runs.items() if name in args.variants}
+    if "ours_fast_compiled" in args.variants:
+        fast = load_dit(ours.state_dict(), dtype=torch.bfloat16, device=device, quant="fp8_e4m3fn_fast")
+        fast.set_attention_backend("auto")
+        fast.compile_blocks()
+        runs["ours_fast_compiled"] = fast
+    runs = {name: runs[name] for name in args.variants}
     rows = []
     for _, width, height, frames in shapes:
         if over_budget(args, f"{variant} {width}x{height}x{frames}"):
@@ -130,44 +174,53 @@ def bench_family(variant: str, shapes, args, device, rates, on_row=None) -> list
                "fast_attention": fast_backend, "fast_attention_reason": auto_reason(device, torch.bfloat16)}
         outputs = {}
         for name, model in runs.items():
+            if name != "ours_eager" and over_budget(args, f"{row['size']} {name}"):
+                continue
             start = time.perf_counter()
             with torch.no_grad():
                 outputs[name] = model(x, t, context).float()  # warm-up: compiles, plans
                 warm_s = time.perf_counter() - start
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                median, times = timed(lambda: model(x, t, context), args.repeats)
-                peak = torch.cuda.max_memory_allocated(device) - base
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                base = allocated(device)
+                median, times = timed_on(device, lambda: model(x, t, context), args.repeats)
+                peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0) - base
             row[name] = {"median_s": median, "times_s": times, "first_call_s": warm_s,
                          "activation_peak_gib": peak / 2**30, "tflops": flops / median / 1e12,
-                         "fraction_of_bf16_floor": flops / rates["bf16"] / median}
+                         "fraction_of_bf16_floor": flops / rates["bf16"] / median,
+                         "vs_ours_eager_bf16": compare(outputs[name], outputs["ours_eager"])}
             print(json.dumps({"size": row["size"], name: row[name]}), flush=True)
-        for name in runs:
-            if "diffusers" in runs:
-                row[name]["speedup_vs_diffusers"] = row["diffusers"]["median_s"] / row[name]["median_s"]
-            row[name]["vs_ours_eager_bf16"] = compare(outputs[name], outputs["ours_eager"])
-            print(json.dumps({"size": row["size"], "variant": name, "vs_ours_eager_bf16": row[name]["vs_ours_eager_bf16"]}),
-                  flush=True)
-        if "ours_fast_compiled" in runs:
+            if on_row:
+                on_row(row, partial=True)
+        for name in outputs:
+            for peer in ("diffusers", "comfyui", "ours_eager"):
+                if peer in outputs:
+                    row[name][f"speedup_vs_{peer}"] = row[peer]["median_s"] / row[name]["median_s"]
+        if "ours_fast_compiled" in outputs:
             row["ours_fast_compiled"]["fraction_of_fp8_floor"] = (flops / rates["fp8"]
                                                                   / row["ours_fast_compiled"]["median_s"])
         rows.append(row)
         if on_row:
             on_row(row)
         del outputs, x, context
-        torch.cuda.empty_cache()
-    if args.e2e and variant == "t2v" and not over_budget(args, "e2e"):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.e2e and variant == "t2v" and "ours_fast_compiled" in runs and not over_budget(args, "e2e"):
         rows.append(end_to_end(ours, fast, task, device))
         if on_row:
             on_row(rows[-1])
-    del ours, theirs, compiled, fast, runs
+    del ours, runs
     gc.collect()
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
-VARIANTS = ("diffusers", "ours_eager", "ours_compiled", "ours_fast_compiled")
+# in the order they run: ours_eager first (every output is compared with it), then what the
+# budget (--budget-s) may skip
+VARIANTS = ("ours_eager", "ours_eager_fused", "ours_eager_fused_no_residual", "comfyui", "diffusers", "ours_compiled",
+            "ours_fast_compiled")
 
 
 def over_budget(args, what: str) -> bool:
@@ -216,15 +269,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="which paths to time (ours_eager is always run: it is the reference)")
+    parser.add_argument("--comfyui", type=Path, default=None,
+                        help="a ComfyUI checkout (or the folder holding a copy of its comfy/): also time its WanModel")
     parser.add_argument("--e2e", action="store_true", help="also the 4-step sampling comparison")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--tiling-from", type=Path, default=None,
                         help="a bench/attention_kernels.py JSON: use its fastest int8_fp8_triton tiling")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip the shapes and the e2e run still to come once this many seconds have passed")
+                        help="skip the shapes, paths and e2e run still to come once this many seconds have passed")
+    parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU (checks the script)")
     args = parser.parse_args()
-    args.variants = [v for v in VARIANTS if v in args.variants or v == "ours_eager"]
-    device = torch.device("cuda")
+    args.variants = [v for v in VARIANTS if (v in args.variants and (v != "comfyui" or args.comfyui))
+                     or v == "ours_eager"]
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if args.dry_run:
+        args.variants = [v for v in args.variants if v not in ("ours_compiled", "ours_fast_compiled")]
     if args.tiling_from and args.tiling_from.exists():
         from bench.attention_kernels import best_tiling
 
@@ -237,19 +296,24 @@ def main() -> None:
             int8_attention.WARP_SPECIALIZE = bool(warp_specialize)
     args.started = time.perf_counter()
     started = args.started
-    rates = {"bf16": matmul_rate(device), "fp8": fp8_matmul_rate(device)}
+    rates = ({"bf16": float("nan"), "fp8": float("nan")} if args.dry_run
+             else {"bf16": matmul_rate(device), "fp8": fp8_matmul_rate(device)})
     from wan_core.ops import int8_attention
 
-    summary = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
+               "torch": torch.__version__, "variants": args.variants, "fused_kinds": list(fused.KINDS),
                "int8_fp8_tiling": [int8_attention.BLOCK_M, int8_attention.BLOCK_N, int8_attention.NUM_WARPS,
                                    int8_attention.NUM_STAGES, int8_attention.WARP_SPECIALIZE],
                "bf16_matmul_tflops": rates["bf16"] / 1e12, "fp8_matmul_tflops": rates["fp8"] / 1e12, "rows": []}
     shapes = [parse_shape(s) for s in args.shapes]
-    def save(row):
-        summary["rows"].append(row)
+
+    def save(row, partial: bool = False):
+        if not partial:
+            summary["rows"].append(row)
         summary["elapsed_s"] = time.perf_counter() - started
         if args.json:
-            args.json.write_text(json.dumps(summary, indent=1))
+            args.json.write_text(json.dumps({**summary, "rows": summary["rows"] + ([row] if partial else [])},
+                                            indent=1))
 
     for variant in dict.fromkeys(s[0] for s in shapes):
         bench_family(variant, [s for s in shapes if s[0] == variant], args, device, rates, save)
@@ -260,12 +324,14 @@ def main() -> None:
             print(f"  e2e {row['e2e']}: latent cos {row['latent']['cosine']:.5f} rel {row['latent']['relative_l2']:.4f}, "
                   f"decoded PSNR {row['video_psnr_db']:.1f} dB")
             continue
-        print(f"  {row['variant']} {row['size']} ({row['tokens']} tokens, fast attention {row['fast_attention']}):")
+        print(f"  {row['variant']} {row['size']} ({row['tokens']} tokens, {row['layers']} blocks, fast attention "
+              f"{row['fast_attention']}):   s/forward  x diffusers  x comfyui  x ours_eager")
         for name in (v for v in VARIANTS if v in row):
-            r = row[name]
-            print(f"    {name:19s} {r['median_s']:7.3f} s  x{r.get('speedup_vs_diffusers', float('nan')):.3f}  "
-                  f"{r['tflops']:5.0f} TFLOP/s "
-                  f"({r['fraction_of_bf16_floor']:.1%} of bf16 floor)  peak +{r['activation_peak_gib']:.2f} GiB  "
+            r, nan = row[name], float("nan")
+            print(f"    {name:28s} {r['median_s']:7.3f}  x{r.get('speedup_vs_diffusers', nan):.3f}  "
+                  f"x{r.get('speedup_vs_comfyui', nan):.3f}  x{r.get('speedup_vs_ours_eager', nan):.3f}  "
+                  f"{r['tflops']:5.0f} TFLOP/s ({r['fraction_of_bf16_floor']:.1%} of bf16 floor)  "
+                  f"peak +{r['activation_peak_gib']:.2f} GiB  "
                   f"cos {r['vs_ours_eager_bf16']['cosine']:.5f} rel {r['vs_ours_eager_bf16']['relative_l2']:.4f}")
 
 

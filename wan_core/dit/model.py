@@ -11,6 +11,7 @@ tokens, D model width, N heads, d = D/N head size (128 for every Wan model).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -21,6 +22,7 @@ from wan_core.configs import DiTConfig
 from wan_core.dit.weights import WeightPatches
 from wan_core.offload.placement import WeightPlacement
 from wan_core.ops.attention import AUTO, attention, check_backend, resolve_backend
+from wan_core.ops.fused import apply_rope, modulate, norm_modulate, residual_norm_modulate, rms_norm_rope
 
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 1024  # the reference's table length per axis
@@ -74,13 +76,6 @@ def rope_angles_at(positions: Sequence[torch.Tensor], head_dim: int) -> torch.Te
         shape[axis] = grid[axis]
         angles.append(torch.outer(position, inv_freq).view(shape).expand(*grid, pairs))
     return torch.cat(angles, dim=-1).reshape(math.prod(grid), head_dim // 2)
-
-
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate each adjacent channel pair (x[2i], x[2i+1]) of x [B,L,N,d], read as the complex
-    number x[2i] + i x[2i+1], by the unit complex `rotation` [L,1,d/2]; float32 math."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def token_chunks(tokens: int) -> list[slice]:
@@ -150,7 +145,10 @@ class Attention(nn.Module):
 
         def normed(linear: nn.Module, norm: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
             def rows_of(rows: slice) -> torch.Tensor:
-                projected = norm(linear(inputs[:, rows])).unflatten(-1, heads)
+                projected = linear(inputs[:, rows])
+                if rope is not None and isinstance(norm, RMSNorm):
+                    return rms_norm_rope(projected, norm.weight, norm.eps, rope[rows], self.num_heads)
+                projected = norm(projected).unflatten(-1, heads)
                 return projected if rope is None else apply_rope(projected, rope[rows])
             return by_token_chunks(rows_of, inputs.shape[1])
 
@@ -160,11 +158,6 @@ class Attention(nn.Module):
         out = attend(q, k, v, backend).flatten(-2)
         del q, k, v  # freed before the output projection
         return self.o(out)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, in float32 (one fused pass)."""
-    return torch.addcmul(shift, x.float(), 1 + scale)
 
 
 class WanBlock(nn.Module):
@@ -191,32 +184,36 @@ class WanBlock(nn.Module):
         dtype = context.dtype
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time_mod).unbind(2)
         tokens = x.shape[1]
-        h = by_token_chunks(lambda rows: per_run(modulate, rows, segments, (self.norm1(x[:, rows]),),
-                                                 (shift_sa, scale_sa)).to(dtype), tokens)
-        x = per_run(torch.addcmul, slice(None), segments, (x, self.self_attn(h, h, rope, backend)), (gate_sa,))
+        h = by_token_chunks(lambda rows: per_run(partial(norm_modulate, norm=self.norm1, dtype=dtype), rows, segments,
+                                                 (x[:, rows],), (shift_sa, scale_sa)), tokens)
+        attended = self.self_attn(h, h, rope, backend)
         del h
-        # cross-attention (queries are tokens) and MLP are row-wise: chunk by chunk, in place
-        # in this block's own residual tensor
+        # the gated residual, cross-attention (queries are tokens) and MLP are row-wise: chunk by
+        # chunk, into this block's own residual tensor; each residual is added in the pass of the
+        # norm that follows it
+        out = torch.empty_like(x)
         for rows in token_chunks(tokens):
-            part = x[:, rows]
-            part += self.cross_attn(self.norm3(part).to(dtype), context, None, backend)
-            h = per_run(modulate, rows, segments, (self.norm2(part),), (shift_ff, scale_ff)).to(dtype)
+            part = out[:, rows]
+            h = per_run(partial(residual_norm_modulate, norm=self.norm3, dtype=dtype), rows, segments,
+                        (part, x[:, rows], attended[:, rows]), (gate_sa, None, None))
+            h = per_run(partial(residual_norm_modulate, norm=self.norm2, dtype=dtype), rows, segments,
+                        (part, part, self.cross_attn(h, context, None, backend)), (None, shift_ff, scale_ff))
             if segments is None:
                 part.addcmul_(self.ffn(h), _rows(gate_ff, rows))
             else:
                 part.copy_(per_run(torch.addcmul, rows, segments, (part, self.ffn(h)), (gate_ff,)))
-        return x
+        return out
 
 
 def per_run(op, rows: slice, segments: Optional[Sequence[int]], tokens: Sequence[torch.Tensor],
-            vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+            vectors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
     """op(*tokens, *vectors) for the token rows `rows` of the block (`tokens` already cut to
     them). Each vector [B, 1 | L | len(segments), D] holds one row for every token, one per
     token, or with `segments` one per run of tokens of those lengths (S2V's reference and motion
     tokens take the timestep-0 modulation): then one pass per run, so no per-token copy of the
-    vectors is made."""
+    vectors is made. A None vector is passed on as None."""
     if segments is None:
-        return op(*tokens, *(_rows(v, rows) for v in vectors))
+        return op(*tokens, *(None if v is None else _rows(v, rows) for v in vectors))
     start = rows.start or 0
     stop = sum(segments) if rows.stop is None else min(rows.stop, sum(segments))
     parts, offset = [], 0
@@ -224,7 +221,7 @@ def per_run(op, rows: slice, segments: Optional[Sequence[int]], tokens: Sequence
         low, high = max(offset, start), min(offset + length, stop)
         if low < high:
             cut = slice(low - start, high - start)
-            parts.append(op(*(t[:, cut] for t in tokens), *(v[:, index:index + 1] for v in vectors)))
+            parts.append(op(*(t[:, cut] for t in tokens), *(None if v is None else v[:, index:index + 1] for v in vectors)))
         offset += length
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -435,7 +432,9 @@ class WanDiT(nn.Module):
         segments = None
         if s2v is not None:
             tokens, angles, time_mod, segments = s2v.extend(tokens, angles, time_mod, t)
-        tokens = tokens.float()
+        # token-major [B, L, D] rows: the patch embedding's transposed view would make every
+        # block's elementwise pass and residual stream channel-major (strided, uncoalesced on GPUs)
+        tokens = tokens.to(torch.float32, memory_format=torch.contiguous_format)
         rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[:, None]
         if split is not None:
             rope = split.split_rope(rope)  # the shard's true positions
