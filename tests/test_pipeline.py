@@ -118,9 +118,20 @@ def test_missing_checkpoint_files_are_named(tmp_path, tiny_folders):
     assert set(checkpoint_files("ti2v-5B", tiny_folders["ti2v-5B"])) == {"dit", "text_encoder", "tokenizer", "vae"}
 
 
-def test_wrong_folder_for_the_task_is_refused(tiny_folders):
+def test_wrong_folder_for_the_task_is_refused_before_any_model_loads(tiny_folders, monkeypatch):
+    import wan_core.loading
+    import wan_core.vae
+
+    loaded = []
+    for module, function in ((wan_core.loading, "load_dit"), (wan_core.vae, "load_vae")):
+        real = getattr(module, function)
+        monkeypatch.setattr(module, function, lambda *a, real=real, function=function, **k: (loaded.append(function),
+                                                                                           real(*a, **k))[1])
     with pytest.raises(ValueError, match="holds a t2v DiT, but i2v-A14B needs i2v"):
         load_task_models("i2v-A14B", tiny_folders["t2v-A14B"], dtype=torch.float32, device="cpu")
+    assert loaded == []
+    files = checkpoint_files("t2v-A14B", tiny_folders["t2v-A14B"])
+    assert wan_core.loading.read_dit_config(files["low_noise"]) == wan_core.loading.load_dit(files["low_noise"]).config
 
 
 # --- generation --------------------------------------------------------------------------------

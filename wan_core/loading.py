@@ -610,6 +610,26 @@ def detect_dit_config(shapes: Mapping[str, Union[Sequence[int], torch.Tensor]],
                      f"variant; known (type, in, out): {known}")
 
 
+def _read_dit(source: Source) -> tuple[dict, dict, dict, tuple[str, ...], DiTConfig]:
+    """A DiT checkpoint's tensors (memory-mapped; plain and fp8 with scales), their shapes, the
+    layouts found and the detected config. Reads no tensor data."""
+    name = _describe(source)
+    state_dict, layouts = convert_layout(read_state_dict(source), "dit")
+    require_kind(list(state_dict), "dit", name)
+    try:
+        plain, quantized = split_fp8(state_dict)
+        shapes = {**{k: v.shape for k, v in plain.items()}, **{k: s.shape for k, (s, _) in quantized.items()}}
+        return plain, quantized, shapes, layouts, detect_dit_config(shapes, _folder_config(source))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def read_dit_config(source: Source) -> DiTConfig:
+    """The `DiTConfig` of a DiT checkpoint from its names and shapes alone (the safetensors
+    header; tensor data is not read): which variant a file is, before anything loads."""
+    return _read_dit(source)[4]
+
+
 def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Union[str, torch.device] = "cpu",
              quant: Optional[str] = None):
     """A `WanDiT` from any supported checkpoint, its variant detected from names and shapes.
@@ -629,14 +649,7 @@ def load_dit(source: Source, *, dtype: torch.dtype = torch.bfloat16, device: Uni
     check_load_options(dtype, quant)
     device = torch.device(device)
 
-    state_dict, layouts = convert_layout(read_state_dict(source), "dit")
-    require_kind(list(state_dict), "dit", name)
-    try:
-        plain, quantized = split_fp8(state_dict)
-        shapes = {**{k: v.shape for k, v in plain.items()}, **{k: s.shape for k, (s, _) in quantized.items()}}
-        config = detect_dit_config(shapes, _folder_config(source))
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+    plain, quantized, shapes, layouts, config = _read_dit(source)
 
     with torch.device("meta"):
         model = WanDiT(config)

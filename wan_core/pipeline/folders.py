@@ -106,7 +106,7 @@ def load_task_models(task: Union[str, TaskConfig], ckpt_dir: Union[str, os.PathL
     always runs on the CPU (the reference's --t5_cpu). The reference keeps the text encoder in
     bf16 and the VAE in float32 (`text_dtype`, `vae_dtype`).
     """
-    from wan_core.loading import load_dit
+    from wan_core.loading import load_dit, read_dit_config
     from wan_core.text import load_text_encoder
     from wan_core.vae import load_vae
 
@@ -115,19 +115,18 @@ def load_task_models(task: Union[str, TaskConfig], ckpt_dir: Union[str, os.PathL
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cpu = torch.device("cpu")
     dit_device = cpu if offload_model else device
-    # The small VAE first and each expert checked as it loads: a wrong file fails before the rest loads.
+    roles = ("high_noise", "low_noise") if task.is_moe else ("dit",)
+    # Every expert's variant from its header and then the small VAE, before any weights move:
+    # a wrong folder fails in a second, not after tens of GB have loaded.
+    for role in roles:
+        model_type = read_dit_config(files[role]).model_type
+        if model_type != task.dit.model_type:
+            raise ValueError(f"{files[role]} holds a {model_type} DiT, but {task.name} needs "
+                             f"{task.dit.model_type}: is --ckpt_dir the {task.name} folder?")
     vae = load_vae(files["vae"], dtype=vae_dtype, device=device)
     if vae.version != task.vae_version:
         raise ValueError(f"{files['vae']} is a Wan{vae.version} VAE; {task.name} needs the Wan{task.vae_version} VAE")
-    roles = ("high_noise", "low_noise") if task.is_moe else ("dit",)
-    experts = []
-    for role in roles:
-        expert = load_dit(files[role], dtype=dtype, device=dit_device, quant=quant)
-        if expert.config.model_type != task.dit.model_type:
-            raise ValueError(f"{files[role]} holds a {expert.config.model_type} DiT, but {task.name} needs "
-                             f"{task.dit.model_type}: is --ckpt_dir the {task.name} folder?")
-        experts.append(expert)
-    experts = tuple(experts)
+    experts = tuple(load_dit(files[role], dtype=dtype, device=dit_device, quant=quant) for role in roles)
     text_encoder = load_text_encoder(files["text_encoder"], dtype=text_dtype,
                                      device=cpu if (t5_cpu or offload_model) else device,
                                      tokenizer=files["tokenizer"])
