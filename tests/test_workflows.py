@@ -404,6 +404,19 @@ def test_workflow_has_a_thumbnail_for_the_template_browser(name):
 
 
 @pytest.mark.parametrize("name", ALL_WORKFLOWS)
+def test_our_nodes_ship_a_value_for_every_widget(name, pack_nodes, node_inputs):
+    """The editor fills a missing widget value with today's default and saves it, so a shipped
+    workflow that lacks one changes the moment it is opened (and with the next default)."""
+    for node in load_workflow(name)["nodes"]:
+        if node["type"] not in pack_nodes:
+            continue
+        widgets = [(n, spec) for n, spec in ordered_inputs(node_inputs[node["type"]]) if is_widget(spec)]
+        expected = sum(1 + extra_widget_values(spec) for _, spec in widgets)
+        assert len(node.get("widgets_values", [])) == expected, \
+            f"{name}: node {node['id']} ({node['type']}) stores {node.get('widgets_values')} for {[n for n, _ in widgets]}"
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOWS)
 def test_workflow_seeds_randomize(name, node_inputs):
     """A shared workflow queued twice should give two videos: seed widgets ship as "randomize"."""
     for node in load_workflow(name)["nodes"]:
