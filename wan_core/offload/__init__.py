@@ -10,6 +10,9 @@
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 from typing import Optional, Sequence, Union
 
@@ -120,6 +123,23 @@ def release_host_weights(model) -> bool:
     return bool(release()) if callable(release) else False
 
 
+def return_freed_host_memory() -> bool:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim). A run's freed
+    activations otherwise stay in the process's resident set in varying amounts, so the RSS of
+    a long-lived process (ComfyUI) drifts from one prompt to the next. False where the C
+    library has no malloc_trim (macOS, musl, Windows)."""
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0))
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 __all__ = ["AUTO", "HOST_MEMORY_MODES", "BlockSwap", "WeightPlacement", "activation_bytes", "auto_blocks_to_swap",
            "check_blocks_to_swap",
-           "device_bytes_needed", "enable_block_swap", "plan_blocks_to_swap", "release_host_weights"]
+           "device_bytes_needed", "enable_block_swap", "plan_blocks_to_swap", "release_host_weights", "return_freed_host_memory"]

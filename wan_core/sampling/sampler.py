@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from wan_core.offload import release_host_weights
+from wan_core.offload import release_host_weights, return_freed_host_memory
 from wan_core.sampling.schedule import (check_boundary, check_denoise, check_solver, check_steps,
                                         runs_high_noise_expert, schedule)
 from wan_core.sampling.guidance import scales_by_expert
@@ -127,6 +127,7 @@ def sample(experts: Union[Any, Sequence[Any]], noise: torch.Tensor, context: Any
                 x = _hold_first_frame(x, first_frame)
             if callback is not None:
                 callback(i + 1, steps, x)
+    return_freed_host_memory()
     return x
 
 
