@@ -12,6 +12,7 @@ tests run in both node renderings (the classic canvas and Vue nodes, "Nodes 2.0"
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import socket
@@ -555,7 +556,12 @@ NODES_JS = '''() => window.app.graph._nodes.map(n => {
         const ctx = document.createElement("canvas").getContext("2d"); ctx.font = "12px sans-serif";
         fits = w.wrapped.every(([, t]) => ctx.measureText(t).width <= n.size[0] - 20 + 0.5);
     }
-    return {type: n.type, id: n.id, registered: n.type in LiteGraph.registered_node_types, has_errors: !!n.has_errors,
+    // the area the node covers on screen, title included: its element with Vue nodes, else LiteGraph's bounds
+    const element = document.querySelector(`[data-node-id="${n.id}"]`);
+    let box = Array.from(n.getBounding());
+    if (element) { const r = element.getBoundingClientRect(); const s = window.app.canvas.ds.scale;
+                   box = [r.x / s, r.y / s, r.width / s, r.height / s]; }
+    return {type: n.type, id: n.id, registered: n.type in LiteGraph.registered_node_types, has_errors: !!n.has_errors, box,
             lines: n.wan22Lines || null, has_widget: !!w, drawn, fits, vue_mounted: !!(w && w.triggerDraw),
             tall_enough: n.size[1] + 0.5 >= n.computeSize()[1]};
 })'''
@@ -597,6 +603,9 @@ with sync_playwright() as p:
         workflow = json.load(open(path))
         page.evaluate("wf => window.app.loadGraphData(wf)", workflow)
         settle()
+        page.evaluate('''async () => { const c = window.app.extensionManager && window.app.extensionManager.command;
+            if (c && c.execute) try { await c.execute("Comfy.Canvas.FitView"); } catch (e) {} }''')  # the whole graph in the shot
+        settle(800)
         missing_dialog = page.get_by_text("Some Nodes Are Missing").count()
         shot = shoot(name)
         nodes = page.evaluate(NODES_JS)
@@ -690,6 +699,12 @@ def test_every_example_workflow_is_checked_in_the_editor():
     assert sorted(EDITOR_EXPECTED) == sorted(n.removesuffix(".json") for n in workflows.ALL_WORKFLOWS)
 
 
+def _overlap(a: list[float], b: list[float], tolerance: float = 1.0) -> bool:
+    """Whether two [x, y, width, height] boxes share more than `tolerance` in both directions."""
+    return (min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]) > tolerance
+            and min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]) > tolerance)
+
+
 @pytest.mark.parametrize("name", EDITOR_EXPECTED)
 @pytest.mark.parametrize("rendering", RENDERINGS)
 def test_example_workflow_loads_in_the_graph_editor(editor_runs, server, object_info, rendering, name):
@@ -724,6 +739,10 @@ def test_example_workflow_loads_in_the_graph_editor(editor_runs, server, object_
         [n for n in shown if not (n["drawn"] and n["fits"] and n["tall_enough"])]
     if rendering == "vue":
         assert all(n["vue_mounted"] for n in shown), "the Vue renderer did not mount the info widget"
+    # no node hides part of another (Vue nodes are taller than the classic ones for the same widgets)
+    overlapping = [(a["type"], a["id"], b["type"], b["id"]) for a, b in itertools.combinations(result["nodes"], 2)
+                   if _overlap(a["box"], b["box"])]
+    assert overlapping == [], f"{name} ({rendering}): nodes overlap: {overlapping}"
     # the info widget is neither saved with the workflow nor sent with a prompt
     assert result["saved"] == result["shipped"], (result["saved"], result["shipped"])
     assert not any("wan22_info" in inputs for _, inputs in result["prompt"]), result["prompt"]
