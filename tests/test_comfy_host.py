@@ -11,7 +11,6 @@ tests run in both node renderings (the classic canvas and Vue nodes, "Nodes 2.0"
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from wan_core.testing import write_audio_encoder_checkpoint, write_dit_checkpoint
+from siblings import sibling
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_LINK_NAME = "comfyui-wan22"
@@ -36,14 +36,7 @@ PROMPT_TIMEOUT_S = 300
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-def _import_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-workflows = _import_sibling("test_workflows")
+workflows = sibling("test_workflows")
 
 
 def _comfy_paths() -> tuple[Path, Path]:
@@ -114,7 +107,7 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-nodes_tests = _import_sibling("test_nodes")
+nodes_tests = sibling("test_nodes")
 
 # Small enough for a 2-core CPU: the sizes and steps the tests put into the example workflows,
 # and the start image (written into the server's input folder) for LoadImage.

@@ -8,9 +8,7 @@ ComfyUI itself does not map LightX2V's `blocks.N.diff_m`; ComfyUI-WanVideoWrappe
 """
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,17 +16,11 @@ from safetensors.torch import load_file, save_file
 from wan_core.lora import with_loras
 from wan_core.testing import dit_state_dict, tiny_dit_config
 from wan_core.testing.lora import lightx2v_lora, random_lora, write_lora
+from siblings import sibling
 
 
-def _sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-comfy_host = _sibling("test_comfy_host")
-test_dit = _sibling("test_dit")
+comfy_host = sibling("test_comfy_host")
+test_dit = sibling("test_dit")
 STRENGTH = 0.75
 
 # Runs in ComfyUI's Python: argv = ComfyUI root, model file, strength, then (LoRA file, output) pairs.

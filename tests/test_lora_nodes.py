@@ -4,7 +4,6 @@ names), checked against wan_core run on the same weights; the cached base model 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,16 +13,10 @@ import torch
 from wan_core import pipeline
 from wan_core.lora import with_loras
 from wan_core.testing import write_dit_checkpoint
+from siblings import sibling
 
 
-def _sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-test_nodes = _sibling("test_nodes")
+test_nodes = sibling("test_nodes")
 host = importlib.import_module("comfyui_wan22_pack.nodes.host")
 samplers = importlib.import_module("comfyui_wan22_pack.nodes.samplers")
 lora_nodes = importlib.import_module("comfyui_wan22_pack.nodes.lora")

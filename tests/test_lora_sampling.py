@@ -2,8 +2,6 @@
 (`sample(..., high_noise_steps=N)`) and the DiT forwards a video costs."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +9,10 @@ import torch
 
 from wan_core.configs import TASKS
 from wan_core.sampling import handoff_index, sample, schedule
+from siblings import sibling
 
 
-def _sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-test_sampling = _sibling("test_sampling")
+test_sampling = sibling("test_sampling")
 RecordingExpert, text, calls = test_sampling.RecordingExpert, test_sampling.text, test_sampling.calls
 
 # The Lightning LoRAs were distilled at t = 1000 * shift(s) for s = 1, 3/4, 1/2, 1/4 with shift 5:
@@ -96,7 +88,7 @@ def test_bad_step_splits_are_clear_errors(options, message):
 def test_graph_editor_hand_off_line_follows_the_step_split():
     """web/schedule.js's handoff() with split = steps gives the number of steps the sampler
     really runs on the high-noise expert (refining included)."""
-    test_nodes_web = _sibling("test_nodes_web")
+    test_nodes_web = sibling("test_nodes_web")
     cases = [dict(steps=n, shift=5.0, boundary=0.875, highNoiseSteps=k, denoise=d)
              for n in (1, 4, 7) for k in (0, 1, 2, n) if k <= n for d in (1.0, 0.5)]
     plans = test_nodes_web.run_schedule_js(cases)["plans"]

@@ -10,7 +10,6 @@ the library produces. test_comfy_host.py reuses `write_tiny_models` for the real
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 from pathlib import Path
 
@@ -23,16 +22,10 @@ from wan_core.configs import DEFAULT_NEGATIVE_PROMPT, TASKS
 from wan_core.vae import Tiling
 from wan_core.testing import tiny_dit_config, write_dit_checkpoint, write_text_encoder_checkpoint, write_vae_checkpoint
 from wan_core.testing.lora import lightx2v_lora, write_lora
+from siblings import sibling
 
 
-def _import_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pack = _import_sibling("test_workflows").load_pack()
+pack = sibling("test_workflows").load_pack()
 host = importlib.import_module("comfyui_wan22_pack.nodes.host")
 loaders = importlib.import_module("comfyui_wan22_pack.nodes.loaders")
 samplers = importlib.import_module("comfyui_wan22_pack.nodes.samplers")

@@ -3,21 +3,13 @@ from __future__ import annotations
 
 import gc
 import importlib
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from siblings import sibling
 
 
-def _import_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_import_sibling("test_workflows").load_pack()
+sibling("test_workflows").load_pack()
 host = importlib.import_module("comfyui_wan22_pack.nodes.host")
 
 

@@ -4,7 +4,6 @@ short route errors without server folders, and model names that say what is load
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,16 +13,10 @@ import torch
 
 from wan_core.preview import RGB_PROJECTIONS, latent_to_rgb
 from wan_core.testing import write_dit_checkpoint
+from siblings import sibling
 
 
-def _import_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-nodes_tests = _import_sibling("test_nodes")
+nodes_tests = sibling("test_nodes")
 host = importlib.import_module("comfyui_wan22_pack.nodes.host")
 loaders = importlib.import_module("comfyui_wan22_pack.nodes.loaders")
 samplers = importlib.import_module("comfyui_wan22_pack.nodes.samplers")

@@ -5,7 +5,6 @@ clear error and no process of the group survives it, nor the death of the caller
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -20,17 +19,11 @@ from wan_core.parallel.workers import ExpertSource, GroupSpec, WorkerGroup, Work
 from wan_core.pipeline import GenerationInterrupted
 from wan_core.testing.dit import write_dit_checkpoint
 from wan_core.testing.parallel import GRIDS, config, inputs
+from siblings import sibling
 
 RTOL = 1e-5
 WAIT_S = 60  # every wait on the workers in these tests is bounded
 WORKER_MODULE = "wan_core.parallel.workers"
-
-
-def _import_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wan22_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def worker_processes() -> list[int]:
@@ -149,7 +142,7 @@ def test_a_worker_that_cannot_load_reports_why(tmp_path):
 
 # --- through the nodes ----------------------------------------------------------------------------
 
-nodes_test = _import_sibling("test_nodes")
+nodes_test = sibling("test_nodes")
 parallel_nodes = importlib.import_module("comfyui_wan22_pack.nodes.parallel")
 samplers = nodes_test.samplers
 
