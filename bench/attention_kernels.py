@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.dit_vs_diffusers import timed  # noqa: E402
 from wan_core.ops import int8_attention  # noqa: E402
 from wan_core.ops.linear import fp8_linear, fp8_linear_reference, quantize_fp8, quantize_rows_fp8  # noqa: E402
 
@@ -39,18 +39,7 @@ HEADS, HEAD_DIM = 40, 128
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    return timed(fn, repeats, warmup=warmup)[0]
 
 
 def compare(out: torch.Tensor, reference: torch.Tensor) -> dict:

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.dit_vs_diffusers import forward_flops, matmul_rate, timed  # noqa: E402
+from bench.dit_vs_diffusers import forward_flops, matmul_rate, random_model, timed  # noqa: E402
 from wan_core.configs import task_for_model_type  # noqa: E402
 from wan_core.dit import WanDiT  # noqa: E402
 from wan_core.loading import load_dit, to_layout  # noqa: E402
@@ -58,40 +57,11 @@ def allocated(device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def timed_on(device, fn, repeats: int) -> tuple[float, list[float]]:
-    """(median, all) seconds of `fn` over `repeats` calls: CUDA events on a GPU, the clock on a CPU."""
-    if device.type == "cuda":
-        return timed(fn, repeats)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
-
-
 def with_kinds(model, kinds):
     def run(x, t, context):
         with fused.only_fused(kinds):
             return model(x, t, context)
     return run
-
-
-def random_model(config, device) -> WanDiT:
-    """Ours with the same random bf16 weights as bench/dit_vs_diffusers.py."""
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = WanDiT(config).to(torch.bfloat16)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.ndim >= 2:
-                p.normal_(0, 1 / math.sqrt(p[0].numel()))
-            elif ".norm" in name:
-                p.normal_(1, 0.1)
-            else:
-                p.normal_(0, 0.1)
-    return model.eval().requires_grad_(False)
 
 
 def diffusers_twin(ours: WanDiT, device):
@@ -184,7 +154,7 @@ def bench_family(variant: str, shapes, args, device, rates, on_row=None) -> list
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(device)
                 base = allocated(device)
-                median, times = timed_on(device, lambda: model(x, t, context), args.repeats)
+                median, times = timed(lambda: model(x, t, context), args.repeats, device)
                 peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0) - base
             row[name] = {"median_s": median, "times_s": times, "first_call_s": warm_s,
                          "activation_peak_gib": peak / 2**30, "tflops": flops / median / 1e12,

@@ -55,9 +55,21 @@ def forward_flops(config, tokens: int, text_tokens: int) -> float:
     return config.num_layers * per_block
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
+def timed(fn, repeats: int, device: torch.device | None = None, warmup: int = 0) -> tuple[float, list[float]]:
+    """(median, all) seconds of `fn` over `repeats` calls after `warmup` untimed ones: CUDA events
+    on a GPU (the default), the clock when `device` is a CPU."""
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    for _ in range(warmup):
+        fn()
+    if not on_cpu:
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
+        if on_cpu:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -65,6 +77,24 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     return statistics.median(times), times
+
+
+def random_model(config, device) -> WanDiT:
+    """Ours with random bf16 weights on `device`: matrices N(0, 1/fan_in), norm weights N(1, 0.1),
+    the rest N(0, 0.1), from seed 0 (the same numbers in every benchmark that compares paths)."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = WanDiT(config).to(torch.bfloat16)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim >= 2:
+                p.normal_(0, 1 / math.sqrt(p[0].numel()))
+            elif ".norm" in name:
+                p.normal_(1, 0.1)
+            else:
+                p.normal_(0, 0.1)
+    return model.eval().requires_grad_(False)
 
 
 def main() -> None:
@@ -88,20 +118,7 @@ def main() -> None:
     config = task.dit if args.layers is None else task.dit.tiny(
         dim=task.dit.dim, ffn_dim=task.dit.ffn_dim, freq_dim=task.dit.freq_dim, text_dim=task.dit.text_dim,
         num_heads=task.dit.num_heads, num_layers=args.layers)
-    torch.manual_seed(0)
-
-    with torch.device("meta"):
-        ours = WanDiT(config).to(torch.bfloat16)
-    ours = ours.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if name.endswith("weight") and p.ndim >= 2:
-                p.normal_(0, 1 / math.sqrt(p[0].numel()))
-            elif ".norm" in name:
-                p.normal_(1, 0.1)
-            else:
-                p.normal_(0, 0.1)
-    ours.eval().requires_grad_(False)
+    ours = random_model(config, device)
     ours.set_attention_backend(args.backend)
     weight_bytes = torch.cuda.memory_allocated(device)
 

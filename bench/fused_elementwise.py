@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if "--dry-run" in sys.argv:
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.dit_vs_diffusers import timed  # noqa: E402
 from wan_core.dit.model import LayerNorm, rope_angles  # noqa: E402
 from wan_core.ops import fused  # noqa: E402
 from wan_core.testing.compare import bf16_agreement, max_relative_error  # noqa: E402
@@ -40,22 +39,7 @@ MODES = {"exact": (), "norm_rope": ("norm", "rope"), "all": fused.KINDS}
 
 
 def median_ms(fn, device, repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return timed(fn, repeats, device, warmup=3)[0] * 1e3
 
 
 def copy_bandwidth(device) -> float:
