@@ -42,20 +42,30 @@ def _to_e4m3(x, EXACT_FP8_CAST: tl.constexpr):
 
 
 @triton.jit
-def _quantize_blocks(x_ptr, mean_ptr, out_ptr, scale_ptr, premul,
-                     stride_b, stride_l, stride_h, heads, length, length_pad,
-                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr):
-    """One block of BLOCK tokens of one head of x [B, L, H, D] -> int8 rows of out [B*H*L_pad, D]
-    and its absmax scale; SMOOTH subtracts mean [B*H, D] first."""
+def _load_token_block(x_ptr, stride_b, stride_l, stride_h, heads, length,
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of BLOCK tokens of one head of x [B, L, H, D] in float32 (zeros past
+    `length`): (block index, batch * heads + head, token indices, channel indices, values)."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
     tokens = block * BLOCK + tl.arange(0, BLOCK)
     dims = tl.arange(0, HEAD_DIM)
-    inside = tokens[:, None] < length
     x = tl.load(x_ptr + b.to(tl.int64) * stride_b + tokens[:, None] * stride_l + h * stride_h + dims[None, :],
-                mask=inside, other=0.0).to(tl.float32)
+                mask=tokens[:, None] < length, other=0.0).to(tl.float32)
+    return block, bh, tokens, dims, x
+
+
+@triton.jit
+def _quantize_blocks(x_ptr, mean_ptr, out_ptr, scale_ptr, premul,
+                     stride_b, stride_l, stride_h, heads, length, length_pad,
+                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr):
+    """One block of BLOCK tokens of one head of x [B, L, H, D] -> int8 rows of out [B*H*L_pad, D]
+    and its absmax scale; SMOOTH subtracts mean [B*H, D] first."""
+    block, bh, tokens, dims, x = _load_token_block(x_ptr, stride_b, stride_l, stride_h, heads, length,
+                                                   HEAD_DIM, BLOCK)
+    inside = tokens[:, None] < length
     if SMOOTH:
         x = tl.where(inside, x - tl.load(mean_ptr + bh * HEAD_DIM + dims)[None, :], 0.0)
     x = x * premul
@@ -73,14 +83,7 @@ def _quantize_v(v_ptr, scale_ptr, out_ptr, stride_b, stride_l, stride_h, heads, 
                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, EXACT_FP8_CAST: tl.constexpr):
     """One block of tokens of one head of v [B, L, H, D] / scale [B*H, D] -> e4m3 columns of out
     [B*H*D, L_pad] (token-contiguous)."""
-    block = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    tokens = block * BLOCK + tl.arange(0, BLOCK)
-    dims = tl.arange(0, HEAD_DIM)
-    v = tl.load(v_ptr + b.to(tl.int64) * stride_b + tokens[:, None] * stride_l + h * stride_h + dims[None, :],
-                mask=tokens[:, None] < length, other=0.0).to(tl.float32)
+    _, bh, tokens, dims, v = _load_token_block(v_ptr, stride_b, stride_l, stride_h, heads, length, HEAD_DIM, BLOCK)
     v = v / tl.load(scale_ptr + bh * HEAD_DIM + dims)[None, :]
     v = _to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0), EXACT_FP8_CAST)
     rows = bh.to(tl.int64) * HEAD_DIM + dims
